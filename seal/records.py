@@ -101,13 +101,15 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class JobSpec:
-    documents: tuple[Document, ...]
+    documents: tuple[Document, ...] = ()
     n_self_edits: int = 3
     edit_format: EditFormat = EditFormat.IMPLICATIONS
     lora: LoraSettings = field(default_factory=LoraSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Also train on the passage alone: the paper's "train on passage" baseline row.
     passage_control: bool = True
+    # Base model to adapt; empty means the deployment's model.
+    model: str = ""
 
 
 @dataclass(frozen=True)

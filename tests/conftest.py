@@ -18,3 +18,39 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(tiny_model_dir: Path):
     """A fresh (model, tokenizer) pair each test, so tests cannot leak state into each other."""
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis: the one at SEAL_TEST_REDIS_URL / 127.0.0.1:6379 if it answers, else our own."""
+    import os
+
+    from seal.embedded_redis import redis_answers, start_redis
+
+    url = os.environ.get("SEAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if redis_answers(url):
+        yield url
+        return
+    server = start_redis()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture()
+def namespace(request: pytest.FixtureRequest) -> str:
+    """A key prefix of this test's own, so tests sharing one Redis never see each other's keys."""
+    import uuid
+
+    return f"seal-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture()
+def plane(redis_url: str, namespace: str):
+    import redis
+
+    from seal.workplane import WorkPlane
+
+    client = redis.Redis.from_url(redis_url)
+    yield WorkPlane(client, namespace)
+    for key in client.scan_iter(f"{namespace}:*"):
+        client.delete(key)

@@ -1,0 +1,128 @@
+"""Service configuration: one typed dataclass, filled from defaults < environment (SEAL_*) < flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seal.models import DEFAULT_MODEL
+
+SERVICE_KINDS = ("teacher", "student", "auditor", "gateway")
+
+
+@dataclass
+class ServiceConfig:
+    kind: str
+    """Which service this process runs: teacher, student, auditor or gateway."""
+    listen: str = "127.0.0.1:0"
+    """gRPC listen address, host:port (port 0 picks a free port)."""
+    advertise: str = ""
+    """Address other hosts use to reach this service; defaults to the bound listen address."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """The Redis that carries the work streams and job state."""
+    namespace: str = "seal"
+    """Prefix of every Redis key and stream; lets several stacks share one Redis."""
+    model: str = DEFAULT_MODEL
+    """Base model: a bundled name (smollm2-135m) or a local Hugging Face model directory."""
+    data_dir: Path = field(default_factory=lambda: Path(".seal"))
+    """Where this service keeps adapters, keys and caches."""
+    device: str = "cpu"
+    """torch device for model services (cpu, cuda, cuda:1)."""
+    dtype: str = "float32"
+    """Weights dtype for model services (float32, bfloat16, float16)."""
+    threads: int = 0
+    """torch CPU threads (0 leaves torch's default)."""
+    backend: str = "transformers"
+    """Teacher generation backend: transformers, vllm or openai."""
+    openai_base_url: str = ""
+    """Teacher with backend=openai: base URL of an OpenAI-compatible API (…/v1)."""
+    openai_model: str = ""
+    """Teacher with backend=openai: the model name the API serves."""
+    openai_api_key: str = field(default="", repr=False)
+    """Teacher with backend=openai: API key (prefer the SEAL_OPENAI_API_KEY variable)."""
+    http_listen: str = "127.0.0.1:8080"
+    """Gateway: HTTP/JSON listen address (empty disables HTTP)."""
+    auditor_address: str = ""
+    """Gateway: the auditor's gRPC address, to fetch its verdict-signing key."""
+    grading_metric: str = "contains"
+    """Auditor: what makes an answer correct (contains, exact_match, f1)."""
+    visibility_timeout_s: float = 120.0
+    """A task unacknowledged this long (no heartbeat) is reclaimed by another worker."""
+    max_attempts: int = 3
+    """Deliveries of one task before it goes to the dead-letter stream."""
+    max_documents: int = 32
+    """Gateway: most documents per job."""
+    max_self_edits: int = 16
+    """Gateway: most self-edits per document (N)."""
+    max_context_chars: int = 8000
+    """Gateway: longest context accepted."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SERVICE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SERVICE_KINDS)}, got {self.kind!r}")
+        self.data_dir = Path(self.data_dir)
+        if self.visibility_timeout_s <= 0:
+            raise ValueError("visibility_timeout_s must be > 0")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _split_address(self.listen)
+
+    def advertised(self, bound_port: int) -> str:
+        """The address peers should dial, given the port the server actually bound."""
+        if self.advertise:
+            return self.advertise
+        host, _ = _split_address(self.listen)
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = socket.gethostname()
+        return f"{host}:{bound_port}"
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return host, int(port)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServiceConfig field (--redis-url, --data-dir, ...), defaulting to unset."""
+    for f in dataclasses.fields(ServiceConfig):
+        if f.name == "kind":
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
+
+
+def load_config(kind: str, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> ServiceConfig:
+    """Defaults, then SEAL_<FIELD> environment variables, then flags that were given."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServiceConfig):
+        if f.name == "kind":
+            continue
+        raw = (flags or {}).get(f.name)
+        if raw is None:
+            raw = env.get("SEAL_" + f.name.upper())
+        if raw is not None:
+            values[f.name] = _coerce(f, raw)
+    return ServiceConfig(kind=kind, **values)
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, (int, float)):
+            return type(default)(raw)
+    except ValueError:
+        raise ValueError(f"{f.name} must be a number, got {raw!r}") from None
+    if isinstance(default, Path):
+        return Path(raw)
+    return str(raw)

@@ -1,0 +1,121 @@
+"""Translate domain records to and from protobuf messages.
+
+Records and messages share field names, so one pair of generic functions does the work (like TGI's
+from_pb / to_pb, without a hand-written pair per message). Rules:
+- an unset optional field, an unset message and an empty repeated field take the record's default;
+- enums map by name: EditFormat.SELF_QA <-> EDIT_FORMAT_SELF_QA; *_UNSPECIFIED takes the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import types
+import typing
+from typing import Any, TypeVar
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+def to_pb(record: Any, pb_cls: type[M]) -> M:
+    msg = pb_cls()
+    _fill(msg, record)
+    return msg
+
+
+def from_pb(cls: type[T], msg: Message) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        fd = msg.DESCRIPTOR.fields_by_name.get(f.name)
+        if fd is None:
+            continue
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if not _is_set(msg, fd):
+            if has_default:
+                continue
+            if _is_optional(hints[f.name]):
+                kwargs[f.name] = None
+                continue
+        value = _from_value(hints[f.name], fd, getattr(msg, f.name))
+        if value is not _DEFAULT:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+_DEFAULT = object()
+
+
+def _is_repeated(fd: FieldDescriptor) -> bool:
+    return bool(fd.is_repeated)
+
+
+def _is_set(msg: Message, fd: FieldDescriptor) -> bool:
+    if _is_repeated(fd):
+        return len(getattr(msg, fd.name)) > 0
+    if fd.has_presence:
+        return msg.HasField(fd.name)
+    return True
+
+
+def _enum_prefix(enum_cls: type[enum.Enum]) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_cls.__name__).upper() + "_"
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _from_value(tp: Any, fd: FieldDescriptor, value: Any) -> Any:
+    tp = _unwrap_optional(tp)
+    if _is_repeated(fd):
+        (item_tp,) = typing.get_args(tp)[:1]
+        return tuple(_from_scalar_or_message(item_tp, fd, v) for v in value)
+    return _from_scalar_or_message(tp, fd, value)
+
+
+def _from_scalar_or_message(tp: Any, fd: FieldDescriptor, value: Any) -> Any:
+    if fd.message_type is not None:
+        return from_pb(tp, value)
+    if fd.enum_type is not None:
+        name = fd.enum_type.values_by_number[value].name
+        member = name.removeprefix(_enum_prefix(tp))
+        return _DEFAULT if member == "UNSPECIFIED" else tp[member]
+    return value
+
+
+def _fill(msg: Message, record: Any) -> None:
+    for f in dataclasses.fields(record):
+        fd = msg.DESCRIPTOR.fields_by_name.get(f.name)
+        value = getattr(record, f.name)
+        if fd is None or value is None:
+            continue
+        if _is_repeated(fd):
+            target = getattr(msg, f.name)
+            for item in value:
+                if fd.message_type is not None:
+                    _fill(target.add(), item)
+                else:
+                    target.append(_to_scalar(fd, item))
+        elif fd.message_type is not None:
+            _fill(getattr(msg, f.name), value)
+            getattr(msg, f.name).SetInParent()
+        else:
+            setattr(msg, f.name, _to_scalar(fd, value))
+
+
+def _to_scalar(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.enum_type is not None:
+        return fd.enum_type.values_by_name[_enum_prefix(type(value)) + value.name].number
+    return value

@@ -1,0 +1,246 @@
+"""The Redis work plane: task streams, consumer groups, idempotent results, reclaim and dead letters.
+
+Each service kind reads one stream through one consumer group, so any number of hosts of a kind
+share the work. Delivery is at least once; these rules make it safe:
+- a task's result is stored under its task id before the message is acknowledged, so a redelivered
+  task finds its result and is not computed twice;
+- follow-up tasks are enqueued with an atomic "set marker if absent, then XADD", keyed by task id,
+  so replaying a follow-up step never duplicates work downstream;
+- a worker that dies leaves its message pending; after the visibility timeout another worker takes
+  it over (XAUTOCLAIM). Long tasks keep their claim fresh with a heartbeat (XCLAIM ... JUSTID);
+- a task that fails `max_attempts` times, or raises PermanentError, goes to the dead-letter stream
+  with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("propose", "apply", "audit", "events", "dead")
+RESULT_TTL_S = 7 * 24 * 3600
+
+# KEYS[1] marker, KEYS[2] stream; ARGV task_id, payload, ttl. Atomic: a crash cannot leave the
+# marker set without the stream entry (which would lose the task) or add an entry twice.
+_ENQUEUE_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  return redis.call('XADD', KEYS[2], '*', 'task_id', ARGV[1], 'payload', ARGV[2])
+end
+return false
+"""
+
+
+class PermanentError(Exception):
+    """A task that can never succeed (bad payload, missing input): dead-letter it at once."""
+
+
+@dataclass(frozen=True)
+class Task:
+    stream: str
+    task_id: str
+    payload: dict[str, Any]
+
+
+class WorkPlane:
+    """Names and primitive operations over one namespace of Redis keys."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "seal") -> None:
+        self.redis = client
+        self.namespace = namespace
+        self._enqueue_once = client.register_script(_ENQUEUE_ONCE)
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    def stream_key(self, stream: str) -> str:
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}; streams are {', '.join(STREAMS)}")
+        return self.key("stream", stream)
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        try:
+            self.redis.xgroup_create(self.stream_key(stream), group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def enqueue(self, task: Task) -> bool:
+        """Add a task unless one with the same id was ever added to that stream. True if added."""
+        marker = self.key("enqueued", task.stream, task.task_id)
+        added = self._enqueue_once(
+            keys=[marker, self.stream_key(task.stream)],
+            args=[task.task_id, json.dumps(task.payload), RESULT_TTL_S],
+        )
+        return added is not None
+
+    def store_result(self, stream: str, task_id: str, result: dict[str, Any]) -> None:
+        self.redis.set(self.key("result", stream, task_id), json.dumps(result), ex=RESULT_TTL_S)
+
+    def result(self, stream: str, task_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(self.key("result", stream, task_id))
+        return None if raw is None else json.loads(raw)
+
+    def dead_letter(self, stream: str, task_id: str, payload: dict[str, Any], reason: str, attempts: int) -> None:
+        self.redis.xadd(
+            self.stream_key("dead"),
+            {
+                "task_id": f"{stream}/{task_id}",
+                "payload": json.dumps(
+                    {"stream": stream, "task_id": task_id, "payload": payload, "reason": reason, "attempts": attempts}
+                ),
+            },
+        )
+
+    def pending_count(self, stream: str, group: str) -> int:
+        return int(self.redis.xpending(self.stream_key(stream), group)["pending"])
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Followups = Callable[[dict[str, Any], dict[str, Any]], list[Task]]
+
+
+@dataclass
+class Worker:
+    """Consumes one stream for one consumer group: handle -> store result -> enqueue follow-ups -> ack."""
+
+    plane: WorkPlane
+    stream: str
+    group: str
+    consumer: str
+    handle: Handler
+    followups: Followups = field(default=lambda payload, result: [])
+    visibility_timeout_s: float = 120.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        self._stream_key = self.plane.stream_key(self.stream)
+        self.plane.ensure_group(self.stream, self.group)
+
+    def run(self, stop: threading.Event, block_ms: int = 1000) -> None:
+        log.info("worker started", extra={"stream": self.stream, "group": self.group, "consumer": self.consumer})
+        while not stop.is_set():
+            try:
+                self.poll_once(block_ms)
+            except redis.ConnectionError as exc:
+                log.warning("redis unavailable, retrying", extra={"error": str(exc)})
+                stop.wait(1.0)
+        log.info("worker stopped", extra={"stream": self.stream, "consumer": self.consumer})
+
+    def poll_once(self, block_ms: int = 1000) -> int:
+        """Process at most one task: a reclaimed stuck one first, else a new one. Returns how many."""
+        messages = self.reclaim_stuck_tasks(count=1)
+        if not messages:
+            reply = self.plane.redis.xreadgroup(
+                self.group, self.consumer, {self._stream_key: ">"}, count=1, block=block_ms
+            )
+            messages = reply[0][1] if reply else []
+        for msg_id, fields in messages:
+            self._process(msg_id, fields)
+        return len(messages)
+
+    def reclaim_stuck_tasks(self, count: int = 1) -> list[tuple[str, dict[str, str]]]:
+        """Take over tasks whose worker went quiet for longer than the visibility timeout."""
+        reply = self.plane.redis.xautoclaim(
+            self._stream_key,
+            self.group,
+            self.consumer,
+            min_idle_time=int(self.visibility_timeout_s * 1000),
+            start_id="0-0",
+            count=count,
+        )
+        claimed = [(mid, f) for mid, f in reply[1] if f]  # entries deleted meanwhile come back empty
+        for mid, _ in claimed:
+            log.info("reclaimed stuck task", extra={"stream": self.stream, "message_id": _s(mid)})
+        return claimed
+
+    def _process(self, msg_id: Any, fields: dict[Any, Any]) -> None:
+        task_id = _s(fields[b"task_id"] if b"task_id" in fields else fields["task_id"])
+        raw = fields[b"payload"] if b"payload" in fields else fields["payload"]
+        payload = json.loads(raw)
+        result = self.plane.result(self.stream, task_id)
+        if result is None:
+            result = self._compute(msg_id, task_id, payload)
+            if result is None:
+                return  # failed: left pending for a retry, or dead-lettered
+            self.plane.store_result(self.stream, task_id, result)
+        for task in self.followups(payload, result):
+            self.plane.enqueue(task)
+        self.plane.redis.xack(self._stream_key, self.group, msg_id)
+        self.plane.redis.delete(self._attempts_key(task_id))
+
+    def _compute(self, msg_id: Any, task_id: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        attempts = int(self.plane.redis.incr(self._attempts_key(task_id)))
+        self.plane.redis.expire(self._attempts_key(task_id), RESULT_TTL_S)
+        try:
+            with self._heartbeat(msg_id):
+                return self.handle(payload)
+        except Exception as exc:  # noqa: BLE001 - any failure of a task is recorded, not fatal to the worker
+            permanent = isinstance(exc, PermanentError)
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("task failed", extra={"stream": self.stream, "task_id": task_id, "attempt": attempts})
+            if permanent or attempts >= self.max_attempts:
+                self.plane.dead_letter(self.stream, task_id, payload, reason, attempts)
+                self.plane.redis.xack(self._stream_key, self.group, msg_id)
+            else:
+                self._retry_later(msg_id)
+            return None
+
+    def _retry_later(self, msg_id: Any) -> None:
+        # Make the message look idle for almost the whole visibility timeout, so any worker's next
+        # XAUTOCLAIM retries it after `retry_backoff_s` instead of a full timeout.
+        idle_ms = max(0, int((self.visibility_timeout_s - self.retry_backoff_s) * 1000))
+        self.plane.redis.xclaim(
+            self._stream_key, self.group, self.consumer, min_idle_time=0, message_ids=[msg_id], idle=idle_ms, justid=True
+        )
+
+    def _attempts_key(self, task_id: str) -> str:
+        return self.plane.key("attempts", self.stream, task_id)
+
+    @contextmanager
+    def _heartbeat(self, msg_id: Any) -> Iterator[None]:
+        """Keep the claim on `msg_id` fresh while a long task runs, so no one reclaims it."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.visibility_timeout_s / 3):
+                try:
+                    self.plane.redis.xclaim(
+                        self._stream_key, self.group, self.consumer, min_idle_time=0, message_ids=[msg_id], justid=True
+                    )
+                except redis.RedisError as exc:
+                    log.warning("heartbeat failed", extra={"error": str(exc)})
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{self.stream}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

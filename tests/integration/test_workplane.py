@@ -1,0 +1,125 @@
+"""The Redis work plane against a real Redis: idempotence, reclaim, retries, dead letters."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from seal.workplane import PermanentError, Task, Worker
+
+
+def test_enqueue_is_idempotent_per_task_id(plane) -> None:
+    assert plane.enqueue(Task("apply", "t1", {"x": 1})) is True
+    assert plane.enqueue(Task("apply", "t1", {"x": 2})) is False
+    assert plane.enqueue(Task("apply", "t2", {"x": 3})) is True
+    assert plane.redis.xlen(plane.stream_key("apply")) == 2
+
+
+def test_unknown_stream_is_rejected(plane) -> None:
+    with pytest.raises(ValueError, match="unknown stream"):
+        plane.enqueue(Task("nope", "t1", {}))
+
+
+def test_worker_stores_result_enqueues_followups_and_acks(plane) -> None:
+    calls: list[dict] = []
+
+    def handle(payload: dict) -> dict:
+        calls.append(payload)
+        return {"doubled": payload["x"] * 2}
+
+    def followups(payload: dict, result: dict) -> list[Task]:
+        return [Task("audit", f"a-{payload['x']}", result)]
+
+    worker = Worker(plane, "apply", "student", "w1", handle, followups)
+    plane.enqueue(Task("apply", "t1", {"x": 21}))
+    assert worker.poll_once(block_ms=100) == 1
+    assert calls == [{"x": 21}]
+    assert plane.result("apply", "t1") == {"doubled": 42}
+    assert plane.pending_count("apply", "student") == 0
+    entries = plane.redis.xrange(plane.stream_key("audit"))
+    assert len(entries) == 1 and entries[0][1][b"task_id"] == b"a-21"
+
+
+def test_redelivered_task_is_not_computed_twice(plane) -> None:
+    """A worker that stored its result but died before acking: the next delivery reuses the result."""
+    calls = []
+    worker = Worker(plane, "apply", "student", "w1", lambda p: calls.append(p) or {"ok": 1},
+                    lambda p, r: [Task("audit", "follow", r)], visibility_timeout_s=0.2)
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    plane.store_result("apply", "t1", {"ok": 1})  # as if computed, then the worker died
+    assert worker.poll_once(block_ms=100) == 1
+    assert calls == []
+    assert plane.redis.xlen(plane.stream_key("audit")) == 1
+    # Replaying the follow-up step (a second redelivery) still adds nothing downstream.
+    plane.redis.xadd(plane.stream_key("apply"), {"task_id": "t1", "payload": "{}"})
+    worker.poll_once(block_ms=100)
+    assert plane.redis.xlen(plane.stream_key("audit")) == 1
+
+
+def test_stuck_task_of_dead_worker_is_reclaimed(plane) -> None:
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    plane.ensure_group("apply", "student")
+    # A worker reads the task and dies without acking.
+    plane.redis.xreadgroup("student", "dead-worker", {plane.stream_key("apply"): ">"}, count=1)
+    done = []
+    survivor = Worker(plane, "apply", "student", "w2", lambda p: done.append(p) or {"ok": 1},
+                      visibility_timeout_s=0.3)
+    assert survivor.poll_once(block_ms=50) == 0  # not idle long enough yet
+    time.sleep(0.4)
+    assert survivor.poll_once(block_ms=50) == 1
+    assert done == [{"x": 1}]
+    assert plane.pending_count("apply", "student") == 0
+
+
+def test_heartbeat_keeps_a_long_task_from_being_reclaimed(plane) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(payload: dict) -> dict:
+        started.set()
+        release.wait(5)
+        return {"ok": 1}
+
+    plane.enqueue(Task("apply", "t1", {}))
+    busy = Worker(plane, "apply", "student", "busy", slow, visibility_timeout_s=0.3)
+    thread = threading.Thread(target=busy.poll_once, kwargs={"block_ms": 100})
+    thread.start()
+    started.wait(5)
+    time.sleep(0.8)  # well past the visibility timeout
+    other = Worker(plane, "apply", "student", "other", lambda p: {"stolen": 1}, visibility_timeout_s=0.3)
+    assert other.reclaim_stuck_tasks() == []
+    release.set()
+    thread.join(5)
+    assert plane.result("apply", "t1") == {"ok": 1}
+
+
+def test_failing_task_is_retried_then_dead_lettered(plane) -> None:
+    attempts = []
+
+    def flaky(payload: dict) -> dict:
+        attempts.append(1)
+        raise RuntimeError("boom")
+
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    worker = Worker(plane, "apply", "student", "w1", flaky, visibility_timeout_s=0.5, max_attempts=2,
+                    retry_backoff_s=0.1)
+    worker.poll_once(block_ms=100)
+    assert plane.pending_count("apply", "student") == 1  # kept for a retry
+    time.sleep(0.2)
+    worker.poll_once(block_ms=100)
+    assert len(attempts) == 2
+    assert plane.pending_count("apply", "student") == 0
+    (entry,) = plane.redis.xrange(plane.stream_key("dead"))
+    assert b"RuntimeError: boom" in entry[1][b"payload"]
+
+
+def test_permanent_error_goes_straight_to_dead_letters(plane) -> None:
+    def bad(payload: dict) -> dict:
+        raise PermanentError("document 3 has no questions")
+
+    plane.enqueue(Task("audit", "t1", {}))
+    Worker(plane, "audit", "auditor", "w1", bad, max_attempts=5).poll_once(block_ms=100)
+    (entry,) = plane.redis.xrange(plane.stream_key("dead"))
+    assert b"document 3 has no questions" in entry[1][b"payload"]
+    assert plane.pending_count("audit", "auditor") == 0
