@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
+E = TypeVar("E", bound=enum.Enum)
 
 
 def to_pb(record: Any, pb_cls: type[M]) -> M:
@@ -119,3 +120,9 @@ def _to_scalar(fd: FieldDescriptor, value: Any) -> Any:
     if fd.enum_type is not None:
         return fd.enum_type.values_by_name[_enum_prefix(type(value)) + value.name].number
     return value
+
+
+def enum_from_pb(enum_cls: type[E], wrapper: Any, number: int, default: E) -> E:
+    """A proto enum number (e.g. EDIT_FORMAT_REWRITE) as its domain enum; UNSPECIFIED gives `default`."""
+    member = wrapper.Name(number).removeprefix(_enum_prefix(enum_cls))
+    return default if member == "UNSPECIFIED" else enum_cls[member]

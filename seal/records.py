@@ -37,16 +37,16 @@ class JobState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class QA:
-    question: str
-    answer: str
+    question: str = ""
+    answer: str = ""
 
 
 @dataclass(frozen=True)
 class Document:
     """One context C with its evaluation τ (held-out questions)."""
 
-    title: str
-    context: str
+    title: str = ""
+    context: str = ""
     questions: tuple[QA, ...] = ()
 
     def passage(self) -> Passage:

@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from seal.errors import PermanentError
+
 log = logging.getLogger(__name__)
 
 STREAMS = ("propose", "apply", "audit", "events", "dead")
@@ -38,10 +40,6 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
 end
 return false
 """
-
-
-class PermanentError(Exception):
-    """A task that can never succeed (bad payload, missing input): dead-letter it at once."""
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,7 @@ class SelfEdit(_message.Message):
     job_id: _builtins.str
     doc_index: _builtins.int
     index: _builtins.int
+    """0..N-1 for sampled self-edits; -1 for the passage-only control."""
     format: Global___EditFormat.ValueType
     text: _builtins.str
     teacher_model: _builtins.str

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from seal.workplane import PermanentError, Task, Worker
+from seal.errors import PermanentError
+from seal.workplane import Task, Worker
 
 
 def test_enqueue_is_idempotent_per_task_id(plane) -> None:

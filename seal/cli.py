@@ -1,0 +1,203 @@
+"""The `seal` command: serve one service, start a local stack, run the demo, submit and watch jobs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from seal.config import SERVICE_KINDS, add_config_flags, load_config
+
+# kind -> module with serve(config); imported only for the service being started.
+SERVICE_MODULES = {kind: f"{kind}.service" for kind in SERVICE_KINDS}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from seal.logs import configure_logging
+
+    config = load_config(args.kind, vars(args))
+    configure_logging(args.kind)
+    process = importlib.import_module(SERVICE_MODULES[args.kind]).serve(config)
+    process.wait()
+    return 0
+
+
+def _stack(args: argparse.Namespace):  # noqa: ANN202
+    from seal.models import resolve_model
+    from seal.stack import LocalStack
+
+    print(f"model: {args.model} (fetching and caching it on first use)", flush=True)
+    resolve_model(args.model)  # once here, rather than three services at a time
+    redis_url = args.redis_url or os.environ.get("REDIS_URL") or os.environ.get("SEAL_REDIS_URL", "")
+    print("starting redis (embedded unless REDIS_URL is set) and the four services…", flush=True)
+    return LocalStack(model=args.model, data_dir=Path(args.data_dir), redis_url=redis_url,
+                      threads=args.threads).start()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    print(json.dumps({"redis": stack.redis_url, **stack.addresses, "http": stack.http_address}, indent=2))
+    print(f"logs in {Path(args.data_dir) / 'logs'}; Ctrl-C stops the stack", flush=True)
+    try:
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(1)
+        print("a service exited; stopping the stack", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def load_example(name: str = "demo.json") -> dict[str, Any]:
+    return dict(json.loads(resources.files("seal.examples").joinpath(name).read_text()))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.api import parse_job_spec
+    from gateway.client import GatewayClient
+
+    spec = parse_job_spec(json.loads(Path(args.file).read_text()) if args.file else load_example())
+    started = time.monotonic()
+    stack = None if args.gateway else _stack(args)
+    try:
+        client = GatewayClient(args.gateway or stack.addresses["gateway"])  # type: ignore[union-attr]
+        job = client.submit(spec)
+        print(f"job {job.id}: {len(spec.documents)} passages × {spec.n_self_edits} self-edits", flush=True)
+        job = watch_with_progress(client, job.id)
+    finally:
+        if stack is not None:
+            stack.stop()
+    print(render_table(job))
+    print(f"\nwall time: {time.monotonic() - started:.0f} s")
+    return 0 if job.state.value == "succeeded" else 1
+
+
+def watch_with_progress(client: Any, job_id: str) -> Any:
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+    job = None
+    for job in client.watch(job_id):
+        p = job.progress
+        totals = {"proposed": p.documents, "trained": p.self_edits, "audited": p.self_edits}
+        for stage, total in totals.items():
+            if stage not in bars:
+                bars[stage] = tqdm(total=total, desc=f"{stage:>8}", unit="", leave=True)
+            bars[stage].n = getattr(p, stage)
+            bars[stage].refresh()
+    for bar in bars.values():
+        bar.close()
+    return job
+
+
+def render_table(job: Any) -> str:
+    """Per passage: accuracy with no adaptation, after training on the passage alone, after the best self-edit."""
+    lines = []
+    if job.error:
+        lines.append(f"job {job.id} {job.state.value}: {job.error}")
+    header = f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'best self-edit':>15} {'reward':>7}"
+    lines += ["", header, "-" * len(header)]
+    for doc in job.documents:
+        control = next((e for e in doc.edits if e.self_edit.format.value == "passage" and e.verdict), None)
+        best = next((e for e in doc.edits if e.self_edit.id == doc.best_self_edit_id), None)
+        lines.append(
+            f"{doc.title[:32]:<32} {_pct(doc.baseline_accuracy):>14} "
+            f"{_pct(control.verdict.adapted_accuracy if control else None):>13} "
+            f"{_pct(best.verdict.adapted_accuracy if best else None):>15} "
+            f"{(f'{best.verdict.reward:+.2f}' if best else '-'):>7}"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from gateway.api import parse_job_spec
+    from gateway.client import GatewayClient
+
+    client = GatewayClient(args.gateway)
+    job = client.submit(parse_job_spec(json.loads(Path(args.file).read_text())))
+    print(job.id)
+    if args.watch:
+        job = watch_with_progress(client, job.id)
+        print(render_table(job))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.client import GatewayClient
+    from seal.records import to_json
+
+    job = GatewayClient(args.gateway).get(args.job_id)
+    print(to_json(job) if args.json else render_table(job))
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from seal.models import model_fingerprint, resolve_model
+
+    path = resolve_model(args.model)
+    print(json.dumps({"model": args.model, "path": str(path), "fingerprint": model_fingerprint(path)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from seal.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="seal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one service (teacher, student, auditor or gateway)")
+    serve.add_argument("kind", choices=SERVICE_KINDS)
+    add_config_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    for name, func, text in (("up", cmd_up, "start a local stack until Ctrl-C"),
+                             ("demo", cmd_demo, "run the bundled example and print the table")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", default=DEFAULT_MODEL)
+        p.add_argument("--data-dir", default=".seal")
+        p.add_argument("--redis-url", default="", help="use this Redis instead of an embedded one")
+        p.add_argument("--threads", type=int, default=0, help="torch threads per model service")
+        p.set_defaults(func=func)
+        if name == "demo":
+            p.add_argument("--file", help="a job JSON instead of the bundled example")
+            p.add_argument("--gateway", help="use a running gateway (host:port) instead of a local stack")
+
+    submit = sub.add_parser("submit", help="submit a job JSON to a gateway")
+    submit.add_argument("file")
+    submit.add_argument("--gateway", default="127.0.0.1:50051")
+    submit.add_argument("--watch", action="store_true")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="show a job")
+    status.add_argument("job_id")
+    status.add_argument("--gateway", default="127.0.0.1:50051")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    model = sub.add_parser("model", help="fetch and cache a model; print its path and fingerprint")
+    model.add_argument("--model", default=DEFAULT_MODEL)
+    model.set_defaults(func=cmd_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Errors that cross service boundaries, and their gRPC / HTTP status codes (mapped in one place)."""
+
+from __future__ import annotations
+
+import grpc
+
+from seal.models import UnknownModelError
+
+
+class PermanentError(Exception):
+    """A task that can never succeed as given: the work plane dead-letters it without retrying."""
+
+
+class InvalidArgument(PermanentError, ValueError):
+    """The request is malformed; `field` names what to fix (e.g. "documents[0].questions")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(PermanentError, LookupError):
+    """The named thing (job, adapter) does not exist here."""
+
+
+# Exception type -> (gRPC status, HTTP status). Checked in order, so subclasses come first.
+ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (UnknownModelError, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (NotFound, grpc.StatusCode.NOT_FOUND, 404),
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, int]:
+    for exc_type, grpc_code, http_code in ERROR_STATUS:
+        if isinstance(exc, exc_type):
+            return grpc_code, http_code
+    return grpc.StatusCode.INTERNAL, 500

@@ -1,0 +1,45 @@
+"""Process-level helpers shared by the composition roots (no work happens at import time)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from seal.config import ServiceConfig
+from seal.models import load_model, model_fingerprint, resolve_model
+from seal.workplane import WorkPlane, wait_for_redis
+
+log = logging.getLogger(__name__)
+
+
+def connect_plane(config: ServiceConfig) -> WorkPlane:
+    client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
+    wait_for_redis(client)
+    return WorkPlane(client, config.namespace)
+
+
+def consumer_name(config: ServiceConfig) -> str:
+    """Unique per process, so the group can tell whose pending tasks are whose."""
+    return f"{config.kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def set_threads(config: ServiceConfig) -> None:
+    if config.threads > 0:
+        import torch
+
+        torch.set_num_threads(config.threads)
+
+
+def load_base_model(config: ServiceConfig) -> tuple[Any, Any, Path, str]:
+    """(model, tokenizer, model_dir, fingerprint) of the configured base model."""
+    set_threads(config)
+    model_dir = resolve_model(config.model)
+    fingerprint = model_fingerprint(model_dir)
+    model, tokenizer = load_model(model_dir, device=config.device, dtype=config.dtype)
+    log.info("model loaded", extra={"model": config.model, "fingerprint": fingerprint[:16]})
+    return model, tokenizer, model_dir, fingerprint

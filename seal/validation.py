@@ -1,0 +1,105 @@
+"""Checks on requests, done once at the front door (and again by services reached directly).
+
+Each check raises InvalidArgument naming the field and the allowed range, so a caller knows what
+to fix. Pure functions over domain records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from seal.errors import InvalidArgument
+from seal.records import Document, EditFormat, JobSpec, LoraSettings, SamplingSettings
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_documents: int = 32
+    max_self_edits: int = 16
+    max_context_chars: int = 8000
+    max_title_chars: int = 300
+    max_questions: int = 200
+    max_question_chars: int = 2000
+
+
+def check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidArgument(field, f"must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        raise InvalidArgument(field, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def check_int_range(field: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(field, f"must be an integer in [{low}, {high}], got {value!r}")
+    check_range(field, value, low, high)
+
+
+def validate_lora(lora: LoraSettings, prefix: str = "lora") -> None:
+    check_int_range(f"{prefix}.rank", lora.rank, 1, 256)
+    check_range(f"{prefix}.alpha", lora.alpha, 0, 4096, low_open=True)
+    check_range(f"{prefix}.learning_rate", lora.learning_rate, 0, 0.1, low_open=True)
+    check_int_range(f"{prefix}.epochs", lora.epochs, 1, 100)
+    check_int_range(f"{prefix}.batch_size", lora.batch_size, 1, 256)
+    check_int_range(f"{prefix}.max_seq_len", lora.max_seq_len, 16, 8192)
+    check_int_range(f"{prefix}.seed", lora.seed, 0, 2**31 - 1)
+    if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
+        raise InvalidArgument(f"{prefix}.target_modules", "must list at least one module name, e.g. q_proj")
+
+
+def validate_sampling(sampling: SamplingSettings, prefix: str = "sampling") -> None:
+    check_range(f"{prefix}.temperature", sampling.temperature, 0, 2)
+    check_range(f"{prefix}.top_p", sampling.top_p, 0, 1, low_open=True)
+    check_int_range(f"{prefix}.max_new_tokens", sampling.max_new_tokens, 1, 4096)
+    check_int_range(f"{prefix}.seed", sampling.seed, 0, 2**31 - 1)
+
+
+def validate_passage(title: str, context: str, limits: Limits, prefix: str) -> None:
+    if not isinstance(title, str) or not title.strip():
+        raise InvalidArgument(f"{prefix}.title", "must not be empty")
+    if len(title) > limits.max_title_chars:
+        raise InvalidArgument(f"{prefix}.title", f"must be at most {limits.max_title_chars} characters, got {len(title)}")
+    if not isinstance(context, str) or not context.strip():
+        raise InvalidArgument(f"{prefix}.context", "must not be empty")
+    if len(context) > limits.max_context_chars:
+        raise InvalidArgument(
+            f"{prefix}.context", f"must be at most {limits.max_context_chars} characters, got {len(context)}"
+        )
+
+
+def validate_document(doc: Document, limits: Limits, prefix: str) -> None:
+    validate_passage(doc.title, doc.context, limits, prefix)
+    if not doc.questions:
+        raise InvalidArgument(f"{prefix}.questions", "τ must hold at least one question with its answer")
+    if len(doc.questions) > limits.max_questions:
+        raise InvalidArgument(
+            f"{prefix}.questions", f"must hold at most {limits.max_questions} questions, got {len(doc.questions)}"
+        )
+    for j, qa in enumerate(doc.questions):
+        if not isinstance(qa.question, str) or not qa.question.strip():
+            raise InvalidArgument(f"{prefix}.questions[{j}].question", "must not be empty")
+        if len(qa.question) > limits.max_question_chars:
+            raise InvalidArgument(
+                f"{prefix}.questions[{j}].question", f"must be at most {limits.max_question_chars} characters"
+            )
+        if not isinstance(qa.answer, str) or not qa.answer.strip():
+            raise InvalidArgument(f"{prefix}.questions[{j}].answer", "every question needs its answer")
+
+
+def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> None:
+    """Everything a job must satisfy before anything is enqueued."""
+    if not spec.documents:
+        raise InvalidArgument("documents", "must hold at least one document (title, context, questions)")
+    if len(spec.documents) > limits.max_documents:
+        raise InvalidArgument("documents", f"must hold at most {limits.max_documents} documents, got {len(spec.documents)}")
+    for i, doc in enumerate(spec.documents):
+        validate_document(doc, limits, f"documents[{i}]")
+    check_int_range("n_self_edits", spec.n_self_edits, 1, limits.max_self_edits)
+    if spec.edit_format == EditFormat.PASSAGE:
+        raise InvalidArgument("edit_format", "must be implications, rewrite or self_qa (passage is the control)")
+    validate_lora(spec.lora)
+    validate_sampling(spec.sampling)
+    if spec.model and spec.model != deployment_model:
+        raise InvalidArgument("model", f"unknown model {spec.model!r}; this deployment adapts {deployment_model!r}")

@@ -1,0 +1,110 @@
+"""The inner-loop LoRA fine-tune: one self-edit in, one adapter out.
+
+Read it top to bottom as a recipe: wrap the base model in a fresh LoRA, tokenize the texts, run
+`epochs` seeded passes of AdamW over dynamically padded batches, then hand back the PEFT model.
+`release_adapter` strips the LoRA again so the same base model object serves the next self-edit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from seal.records import LoraSettings
+from student.sequences import IGNORE_INDEX, batches, pad_batch
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    losses: list[float]
+    seconds: float
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    lora: LoraSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[PeftModel, TrainStats]:
+    """Fine-tune a fresh LoRA on `texts`; `on_step(step, loss)` runs after every step (1-based)."""
+    started = time.perf_counter()
+    # Seed before wrapping: LoRA's A matrices are randomly initialised.
+    torch.manual_seed(lora.seed)
+    peft_model = get_peft_model(model, lora_config(model, lora))
+    sequences = tokenize_texts(tokenizer, texts, lora.max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(peft_model.parameters()).device
+
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    # No weight decay (the Hugging Face Trainer default SEAL used): a constant lr on a few steps.
+    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
+
+    losses: list[float] = []
+    peft_model.train()
+    try:
+        for batch in batches(sequences, lora.batch_size, lora.seed, lora.epochs):
+            input_ids, attention_mask, labels = (
+                torch.tensor(x, device=device) for x in pad_batch(batch, pad_id)
+            )
+            logits = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = causal_lm_loss(logits, labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
+    except BaseException:
+        # The caller never gets the PEFT model, so strip the LoRA here (an on_step may cancel by raising).
+        release_adapter(peft_model)
+        raise
+    finally:
+        peft_model.eval()
+    return peft_model, TrainStats(steps=len(losses), losses=losses, seconds=time.perf_counter() - started)
+
+
+def release_adapter(peft_model: PeftModel) -> Any:
+    """Remove the LoRA layers without merging; the base weights are exactly as before training."""
+    # unload() swaps each LoRA layer back for its untouched base layer; merge_and_unload would not.
+    return peft_model.unload()
+
+
+def lora_config(model: Any, lora: LoraSettings) -> LoraConfig:
+    """A LoRA config targeting the requested projections that this architecture actually has."""
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [name for name in lora.target_modules if name in present]
+    if not targets:
+        raise ValueError(
+            f"none of the LoRA target modules {list(lora.target_modules)} exist in this model; "
+            f"its linear layers are named {sorted(present)}"
+        )
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of each text with EOS appended (so the model learns where a fact ends), truncated."""
+    return [(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])[:max_seq_len] for text in texts]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over unmasked labels; 0 (not NaN) when everything is masked."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count

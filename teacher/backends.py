@@ -1,0 +1,249 @@
+"""Generation backends for the teacher: local transformers, any OpenAI-compatible server, or vLLM.
+
+Each returns, for every prompt, `n` completions of new text only (no prompt, no special tokens).
+Build one by name with `BACKENDS[name](**kwargs)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from seal.records import SamplingSettings
+
+log = logging.getLogger(__name__)
+
+# Statuses worth another try: rate limiting and server-side trouble.
+_RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+_ERROR_SNIPPET_CHARS = 500
+
+
+class Generator(Protocol):
+    """Samples completions; `name` identifies the model for provenance."""
+
+    name: str
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]: ...
+
+
+class GenerationError(RuntimeError):
+    """A backend could not produce completions (bad request, server down, malformed reply)."""
+
+
+def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
+    """The text the model sees: the prompt as one user turn of the chat template, or raw."""
+    if use_chat_template and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+
+
+# --- transformers ----------------------------------------------------------------------------------
+
+
+class TransformersGenerator:
+    """Generates with a loaded transformers causal LM (left-padded tokenizer, as `load_model` sets)."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, device: str = "cpu", use_chat_template: bool = True, name: str = ""
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.use_chat_template = use_chat_template
+        self.name = name or model.config.name_or_path
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+        _check_n(n)
+        if not prompts:
+            return []
+        greedy = sampling.temperature <= 0
+        # Greedy decoding gives n identical answers: decode once, copy.
+        copies = 1 if greedy else n
+        texts = [render_prompt(self.tokenizer, p, self.use_chat_template) for p in prompts]
+        new_tokens = self._generate_tokens(texts, sampling, copies)
+        decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        per_prompt = [decoded[i * copies : (i + 1) * copies] for i in range(len(prompts))]
+        return [group * n if greedy else group for group in per_prompt]
+
+    def _generate_tokens(self, texts: list[str], sampling: SamplingSettings, copies: int) -> Any:
+        import torch
+
+        templated = self.use_chat_template and bool(self.tokenizer.chat_template)
+        # The chat template already writes its special tokens; adding them again would double a BOS.
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated).to(
+            self.device
+        )
+        torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **batch,
+                **_transformers_sampling_kwargs(sampling),
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=copies,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        return output[:, batch["input_ids"].shape[1] :]
+
+
+def _transformers_sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
+    if sampling.temperature <= 0:
+        return {"do_sample": False}
+    # top_k=0 switches off the top-50 cut that many generation configs carry: the paper samples with
+    # temperature and top_p alone.
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+
+
+# --- OpenAI-compatible HTTP ------------------------------------------------------------------------
+
+
+def chat_completion_body(model: str, prompt: str, sampling: SamplingSettings, n: int) -> dict[str, Any]:
+    """The JSON body of one /chat/completions request for `n` samples of `prompt`."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_new_tokens,
+        "n": n,
+        "seed": sampling.seed,
+    }
+
+
+def completion_texts(response: dict[str, Any]) -> list[str]:
+    """The message texts of a /chat/completions response, in choice order."""
+    try:
+        choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
+        return [c["message"]["content"] or "" for c in choices]
+    except (KeyError, TypeError, AttributeError) as exc:
+        snippet = json.dumps(response)[:_ERROR_SNIPPET_CHARS]
+        raise GenerationError(f"malformed chat completion response (missing {exc}): {snippet}") from exc
+
+
+class OpenAIGenerator:
+    """Samples from any server speaking the OpenAI chat completions API (vLLM, llama.cpp, OpenAI...)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        timeout_s: float = 120,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.name = model
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+        _check_n(n)
+        return [self._sample(prompt, sampling, n) for prompt in prompts]
+
+    def _sample(self, prompt: str, sampling: SamplingSettings, n: int) -> list[str]:
+        texts: list[str] = []
+        # Some servers ignore `n` and return one choice: ask again for the rest, with a fresh seed so
+        # a seeded server does not repeat itself.
+        while len(texts) < n:
+            call = chat_completion_body(self.name, prompt, sampling, n - len(texts))
+            call["seed"] = sampling.seed + len(texts)
+            got = completion_texts(self._post(call))
+            if not got:
+                raise GenerationError(f"{self.url} returned no choices for a request of n={call['n']}")
+            texts.extend(got)
+        return texts[:n]
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                last_error = f"HTTP {exc.code}: {_body_snippet(exc)}"
+                if exc.code not in _RETRYABLE_STATUS:
+                    raise GenerationError(f"POST {self.url} failed with {last_error}") from exc
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            except json.JSONDecodeError as exc:
+                raise GenerationError(f"POST {self.url} returned a body that is not JSON: {exc}") from exc
+            log.warning("teacher request failed, retrying", extra={"url": self.url, "error": last_error})
+        raise GenerationError(f"POST {self.url} failed after {self.max_retries + 1} attempts: {last_error}")
+
+
+def _body_snippet(exc: urllib.error.HTTPError) -> str:
+    try:
+        return exc.read()[:_ERROR_SNIPPET_CHARS].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --- vLLM ------------------------------------------------------------------------------------------
+
+
+class VLLMGenerator:
+    """Generates with vLLM's offline engine (GPU). `engine_kwargs` go to `vllm.LLM` unchanged."""
+
+    def __init__(
+        self, model_path: str, *, use_chat_template: bool = True, name: str = "", **engine_kwargs: Any
+    ) -> None:
+        # Imported here so the teacher runs (transformers / HTTP backends) where vLLM is not installed.
+        from vllm import LLM, SamplingParams
+
+        self._sampling_params = SamplingParams
+        self.llm = LLM(model=str(model_path), **engine_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.use_chat_template = use_chat_template
+        self.name = name or str(model_path)
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+        _check_n(n)
+        if not prompts:
+            return []
+        greedy = sampling.temperature <= 0
+        # vLLM refuses n > 1 under greedy decoding in some versions, and the copies would be identical.
+        params = self._sampling_params(
+            n=1 if greedy else n,
+            temperature=max(sampling.temperature, 0.0),
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+        )
+        outputs = self.llm.generate([self._engine_prompt(p) for p in prompts], params, use_tqdm=False)
+        groups = [[c.text for c in out.outputs] for out in outputs]
+        return [group * n if greedy else group for group in groups]
+
+    def _engine_prompt(self, prompt: str) -> str | dict[str, list[int]]:
+        if not (self.use_chat_template and self.tokenizer.chat_template):
+            return prompt
+        # Token ids, because vLLM would add a BOS on top of the one the chat template already wrote.
+        text = render_prompt(self.tokenizer, prompt, use_chat_template=True)
+        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+
+BACKENDS: dict[str, Callable[..., Generator]] = {
+    "transformers": TransformersGenerator,
+    "openai": OpenAIGenerator,
+    "vllm": VLLMGenerator,
+}

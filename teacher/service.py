@@ -1,0 +1,128 @@
+"""Teacher service: gRPC servicer, seal:propose worker and composition root over teacher.core."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from seal import convert
+from seal.config import ServiceConfig
+from seal.errors import InvalidArgument
+from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings, SelfEdit, from_dict, to_dict
+from seal.runtime import connect_plane, consumer_name, load_base_model
+from seal.server import ServiceProcess
+from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
+from seal.validation import Limits, check_int_range, validate_lora, validate_passage, validate_sampling
+from seal.workplane import Task, Worker
+from teacher.backends import BACKENDS, Generator
+from teacher.core import passage_control, propose_self_edits
+
+
+@dataclass
+class TeacherEngine:
+    """The generator plus a lock: RPCs and the worker share one model."""
+
+    generator: Generator
+    lock: threading.Lock
+
+    def propose(
+        self,
+        passage: Passage,
+        fmt: EditFormat,
+        n: int,
+        lora: LoraSettings,
+        sampling: SamplingSettings,
+        job_id: str,
+        doc_index: int,
+        with_control: bool = False,
+    ) -> list[SelfEdit]:
+        validate_passage(passage.title, passage.context, Limits(), "passage")
+        check_int_range("n", n, 1, 64)
+        if fmt == EditFormat.PASSAGE:
+            raise InvalidArgument("format", "must be implications, rewrite or self_qa")
+        validate_lora(lora)
+        validate_sampling(sampling)
+        with self.lock:
+            edits = propose_self_edits(self.generator, passage, fmt, n, lora, sampling, job_id, doc_index)
+        if with_control:
+            edits.append(passage_control(passage, lora, job_id, doc_index))
+        return edits
+
+
+class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
+    def __init__(self, engine: TeacherEngine) -> None:
+        self.engine = engine
+
+    def ProposeSelfEdits(self, request: teacher_pb2.ProposeSelfEditsRequest, context: grpc.ServicerContext) -> Any:
+        fmt = convert.enum_from_pb(EditFormat, types_pb2.EditFormat, request.format, EditFormat.IMPLICATIONS)
+        edits = self.engine.propose(
+            passage=convert.from_pb(Passage, request.passage),
+            fmt=fmt,
+            n=request.n,
+            lora=convert.from_pb(LoraSettings, request.lora),
+            sampling=convert.from_pb(SamplingSettings, request.sampling),
+            job_id=request.job_id or "adhoc",
+            doc_index=request.doc_index,
+        )
+        return teacher_pb2.ProposeSelfEditsResponse(self_edits=[convert.to_pb(e, types_pb2.SelfEdit) for e in edits])
+
+
+def propose_handler(engine: TeacherEngine):  # noqa: ANN201
+    def handle(payload: dict[str, Any]) -> dict[str, Any]:
+        edits = engine.propose(
+            passage=from_dict(Passage, payload["passage"]),
+            fmt=EditFormat(payload["format"]),
+            n=int(payload["n"]),
+            lora=from_dict(LoraSettings, payload["lora"]),
+            sampling=from_dict(SamplingSettings, payload["sampling"]),
+            job_id=payload["job_id"],
+            doc_index=int(payload["doc_index"]),
+            with_control=bool(payload.get("passage_control", True)),
+        )
+        return {"self_edits": [to_dict(e) for e in edits]}
+
+    return handle
+
+
+def propose_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
+    """One apply task per self-edit, and a "proposed" event for the gateway."""
+    tasks = [Task("apply", se["id"], {"self_edit": se}) for se in result["self_edits"]]
+    event = {"type": "proposed", "job_id": payload["job_id"], "doc_index": payload["doc_index"],
+             "self_edits": result["self_edits"]}
+    tasks.append(Task("events", f"proposed/{payload['job_id']}/{payload['doc_index']}", event))
+    return tasks
+
+
+def build_generator(config: ServiceConfig) -> Generator:
+    if config.backend == "openai":
+        if not config.openai_base_url or not config.openai_model:
+            raise ValueError("backend openai needs --openai-base-url and --openai-model")
+        return BACKENDS["openai"](base_url=config.openai_base_url, model=config.openai_model,
+                                  api_key=config.openai_api_key)
+    if config.backend == "vllm":
+        from seal.models import resolve_model
+
+        return BACKENDS["vllm"](str(resolve_model(config.model)))
+    if config.backend != "transformers":
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    model, tokenizer, _, fingerprint = load_base_model(config)
+    return BACKENDS["transformers"](model, tokenizer, device=config.device, name=f"{config.model}@{fingerprint[:12]}")
+
+
+def serve(config: ServiceConfig) -> ServiceProcess:
+    """Composition root: build the teacher from config and start serving (returns once started)."""
+    engine = TeacherEngine(build_generator(config), threading.Lock())
+    plane = connect_plane(config)
+    worker = Worker(plane, "propose", "teacher", consumer_name(config), propose_handler(engine), propose_followups,
+                    visibility_timeout_s=config.visibility_timeout_s, max_attempts=config.max_attempts)
+
+    def register(server: grpc.Server) -> list[str]:
+        teacher_pb2_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
+        return [teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name]
+
+    process = ServiceProcess("teacher", config.listen, register, [worker])
+    process.start()
+    return process

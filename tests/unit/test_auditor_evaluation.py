@@ -1,0 +1,270 @@
+"""Evaluation on the tiny random Llama: batched answers, adapter swap, and `audit` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import auditor.core
+from auditor.core import AdapterMismatchError, audit
+from auditor.evaluation import (
+    answer_questions,
+    evaluate_document,
+    load_adapter,
+    question_prompt,
+    unload_adapter,
+)
+from auditor.grading import grade_answer
+from seal.models import load_model
+from seal.records import QA, Document, EditFormat, LoraSettings, SelfEdit
+
+_PROMPTS = [
+    question_prompt("Zorbia", "Where does the council meet?"),
+    "hi",
+    "The quick brown fox jumps over the lazy dog, a long prompt that forces the others to be padded.",
+    question_prompt("Velmora", "Why?"),
+    "Question: Answer:",
+]
+
+
+@pytest.fixture()
+def scrambled_model(tiny_model):
+    """The tiny model with large random weights: its greedy answers differ per prompt.
+
+    At its default init scale the tiny model answers every prompt alike, which would let a broken
+    batching path pass the batched-equals-sequential test.
+    """
+    model, tokenizer = tiny_model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_batched_answers_equal_one_by_one(scrambled_model, use_chat_template: bool) -> None:
+    model, tokenizer = scrambled_model
+    batched = answer_questions(
+        model, tokenizer, _PROMPTS, max_new_tokens=12, batch_size=3, use_chat_template=use_chat_template
+    )
+    one_by_one = [
+        answer_questions(model, tokenizer, [p], max_new_tokens=12, use_chat_template=use_chat_template)[0]
+        for p in _PROMPTS
+    ]
+    assert batched == one_by_one
+    assert len(set(batched)) == len(_PROMPTS)  # the test means something only if answers differ
+
+
+def test_chat_template_wraps_the_prompt_as_one_user_message(scrambled_model) -> None:
+    model, tokenizer = scrambled_model
+    rendered = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in _PROMPTS
+    ]
+    with_template = answer_questions(model, tokenizer, _PROMPTS, max_new_tokens=8)
+    assert with_template == answer_questions(
+        model, tokenizer, rendered, max_new_tokens=8, use_chat_template=False
+    )
+    assert with_template != answer_questions(
+        model, tokenizer, _PROMPTS, max_new_tokens=8, use_chat_template=False
+    )
+
+
+def test_answer_questions_of_nothing_is_nothing(tiny_model) -> None:
+    assert answer_questions(*tiny_model, []) == []
+
+
+def test_question_prompt_leaves_out_the_passage() -> None:
+    assert question_prompt("Zorbia", "Where?") == "Topic: Zorbia\nWhere?"
+
+
+def test_evaluate_document_scores_each_question_in_order(scrambled_model) -> None:
+    model, tokenizer = scrambled_model
+    doc = _doc(("Where does the council meet?", "Velmora"), ("Who leads it?", "Ilsa"), ("When?", "spring"))
+    scores = evaluate_document(model, tokenizer, doc, metric="f1", max_new_tokens=8)
+    responses = answer_questions(
+        model, tokenizer, [question_prompt(doc.title, q.question) for q in doc.questions], 8
+    )
+    assert scores == [
+        grade_answer(q.question, q.answer, r, "f1") for q, r in zip(doc.questions, responses, strict=True)
+    ]
+
+
+# --- adapters --------------------------------------------------------------------------------------
+
+
+def _make_adapter(model_dir: Path, out_dir: Path, seed: int) -> tuple[Path, str]:
+    """A random (non-zero) LoRA on q_proj/v_proj, saved the way the student saves one."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    sha = hashlib.sha256((out_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return out_dir, sha
+
+
+@pytest.fixture()
+def adapter(tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, str]:
+    return _make_adapter(tiny_model_dir, tmp_path / "adapter", seed=0)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_pristine(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_load_unload_leaves_base_bit_identical(tiny_model, adapter, tiny_model_dir, tmp_path) -> None:
+    model, tokenizer = tiny_model
+    before = _state(model)
+    base_answers = answer_questions(model, tokenizer, _PROMPTS, max_new_tokens=8)
+
+    peft_model = load_adapter(model, adapter[0])
+    assert not peft_model.training
+    assert answer_questions(peft_model, tokenizer, _PROMPTS, max_new_tokens=8) != base_answers
+    assert unload_adapter(peft_model) is model
+    _assert_pristine(model, before)
+    assert answer_questions(model, tokenizer, _PROMPTS, max_new_tokens=8) == base_answers
+
+    # The restored base takes the next adapter just as well.
+    other_dir, _ = _make_adapter(tiny_model_dir, tmp_path / "other", seed=1)
+    unload_adapter(load_adapter(model, other_dir))
+    _assert_pristine(model, before)
+
+
+# --- audit -----------------------------------------------------------------------------------------
+
+
+def _doc(*qas: tuple[str, str]) -> Document:
+    return Document(
+        title="Zorbia",
+        context="The Zorbian council meets in the city of Velmora every spring.",
+        questions=tuple(QA(q, a) for q, a in qas),
+    )
+
+
+def _self_edit(doc: Document, text: str = "The council of Zorbia gathers in Velmora.") -> SelfEdit:
+    return SelfEdit(
+        id="edit-7",
+        job_id="job-1",
+        doc_index=3,
+        index=0,
+        format=EditFormat.IMPLICATIONS,
+        passage=doc.passage(),
+        text=text,
+        lines=(text,),
+        lora=LoraSettings(rank=4, target_modules=("q_proj", "v_proj")),
+    )
+
+
+_AUDIT_DOC = _doc(("Where does the council meet?", "Velmora"), ("When does it meet?", "spring"))
+
+
+def _audit(model, tokenizer, adapter, doc=_AUDIT_DOC, self_edit=None, **kwargs):
+    return audit(
+        model,
+        tokenizer,
+        doc,
+        self_edit or _self_edit(doc),
+        adapter_dir=adapter[0],
+        adapter_sha256=adapter[1],
+        base_fingerprint="f" * 64,
+        job_id="job-1",
+        max_new_tokens=8,
+        **kwargs,
+    )
+
+
+def test_audit_end_to_end_fields_are_consistent(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    before = _state(model)
+    verdict = _audit(model, tokenizer, adapter)
+
+    assert (verdict.job_id, verdict.doc_index, verdict.self_edit_id) == ("job-1", 3, "edit-7")
+    assert (verdict.adapter_sha256, verdict.base_fingerprint) == (adapter[1], "f" * 64)
+    assert len(verdict.baseline_scores) == len(verdict.adapted_scores) == len(_AUDIT_DOC.questions)
+    assert [s.question for s in verdict.adapted_scores] == [q.question for q in _AUDIT_DOC.questions]
+    assert verdict.baseline_accuracy == sum(s.correct for s in verdict.baseline_scores) / 2
+    assert verdict.adapted_accuracy == sum(s.correct for s in verdict.adapted_scores) / 2
+    assert verdict.reward == verdict.adapted_accuracy - verdict.baseline_accuracy
+    assert [c.split(":")[0] for c in verdict.checks] == ["tau_leak", "forgetting"]
+    assert verdict.passed == (verdict.reward > 0 and all(c.endswith(":pass") for c in verdict.checks))
+    assert verdict.eval_seconds > 0
+    assert verdict.signature == "" and verdict.auditor_key_id == ""  # the caller signs
+    _assert_pristine(model, before)
+
+
+def test_audit_passes_an_adapter_that_learned_the_answers(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    questions = [q.question for q in _AUDIT_DOC.questions]
+    prompts = [question_prompt(_AUDIT_DOC.title, q) for q in questions]
+    # Make the adapter's own answers the gold: it "knows" τ, the base does not.
+    peft_model = load_adapter(model, adapter[0])
+    learned = answer_questions(peft_model, tokenizer, prompts, max_new_tokens=8)
+    unload_adapter(peft_model)
+    doc = _doc(*zip(questions, learned, strict=True))
+
+    verdict = _audit(model, tokenizer, adapter, doc=doc)
+    assert verdict.baseline_accuracy == 0.0, "precondition: the base model must not know the answers"
+    assert verdict.adapted_accuracy == 1.0
+    assert verdict.reward == 1.0
+    assert verdict.checks == ("tau_leak:pass", "forgetting:pass")
+    assert verdict.passed
+
+
+def test_audit_fails_a_self_edit_that_quotes_tau(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    leaky = _self_edit(_AUDIT_DOC, text="Where does the council meet? In Velmora.")
+    verdict = _audit(model, tokenizer, adapter, self_edit=leaky, check_forgetting=False)
+    assert verdict.checks[0].startswith("tau_leak:fail:")
+    assert len(verdict.checks) == 1
+    assert not verdict.passed
+
+
+def test_audit_uses_the_cached_baseline_and_anchor(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    perfect = [grade_answer(q.question, q.answer, q.answer) for q in _AUDIT_DOC.questions]
+    # anchor_before=1.0: the tiny model answers no anchor, so forgetting must read as a full drop.
+    verdict = _audit(model, tokenizer, adapter, baseline_scores=perfect, anchor_before=1.0)
+    assert verdict.baseline_scores == tuple(perfect)
+    assert verdict.baseline_accuracy == 1.0
+    assert verdict.reward <= 0
+    assert verdict.checks[1].startswith("forgetting:fail:anchor accuracy 1.000 -> 0.000")
+    assert not verdict.passed
+
+
+def test_audit_restores_the_base_when_evaluation_fails(tiny_model, adapter, monkeypatch) -> None:
+    model, tokenizer = tiny_model
+    before = _state(model)
+    real = auditor.core.evaluate_document
+
+    def broken(m, *args, **kwargs):
+        if m is not model:  # the adapted model
+            raise RuntimeError("boom")
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(auditor.core, "evaluate_document", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        _audit(model, tokenizer, adapter)
+    _assert_pristine(model, before)
+
+
+def test_audit_refuses_an_adapter_whose_hash_does_not_match(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    wrong = (adapter[0], "0" * 64)
+    with pytest.raises(AdapterMismatchError, match="sha256"):
+        _audit(model, tokenizer, wrong)

@@ -1,0 +1,282 @@
+"""Generation backends: transformers on the tiny model, OpenAI-compatible HTTP against a real local server,
+vLLM where a GPU and vLLM are present."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from seal.models import build_tiny_model
+from seal.records import SamplingSettings
+from teacher.backends import (
+    BACKENDS,
+    GenerationError,
+    OpenAIGenerator,
+    TransformersGenerator,
+    VLLMGenerator,
+    chat_completion_body,
+    completion_texts,
+    render_prompt,
+)
+
+SAMPLING = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=0)
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, seed=0)
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def test_backends_registry_names_every_builder():
+    assert BACKENDS == {
+        "transformers": TransformersGenerator,
+        "openai": OpenAIGenerator,
+        "vllm": VLLMGenerator,
+    }
+
+
+# --- transformers ----------------------------------------------------------------------------------
+
+
+def test_render_prompt_wraps_one_user_turn_in_the_chat_template(tiny_model):
+    _, tokenizer = tiny_model
+    assert render_prompt(tokenizer, "Hi there", use_chat_template=True) == (
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert render_prompt(tokenizer, "Hi there", use_chat_template=False) == "Hi there"
+
+
+def test_render_prompt_falls_back_to_raw_text_without_a_template(tiny_model):
+    _, tokenizer = tiny_model
+    tokenizer.chat_template = None
+    assert render_prompt(tokenizer, "Hi there", use_chat_template=True) == "Hi there"
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_transformers_returns_n_new_texts_per_prompt(tiny_model, use_chat_template):
+    model, tokenizer = tiny_model
+    generator = TransformersGenerator(model, tokenizer, use_chat_template=use_chat_template)
+    prompts = ["Passage: The fox.", "Passage: a much longer prompt so the batch needs left padding."]
+    out = generator.generate(prompts, SAMPLING, n=3)
+    assert [len(group) for group in out] == [3, 3]
+    for text in (t for group in out for t in group):
+        assert isinstance(text, str)
+        assert "Passage:" not in text  # new text only, not the prompt echoed back
+        assert not any(tok in text for tok in SPECIAL_TOKENS)
+
+
+def test_transformers_returns_only_the_new_tokens(tiny_model):
+    model, tokenizer = tiny_model
+    longest_token = max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
+    one_token = SamplingSettings(max_new_tokens=1, seed=3)
+    out = TransformersGenerator(model, tokenizer).generate(["Passage: The fox jumps."], one_token, n=4)
+    assert all(len(text) <= longest_token for text in out[0])
+
+
+def test_transformers_same_seed_same_text_other_seed_other_text(tiny_model):
+    model, tokenizer = tiny_model
+    generator = TransformersGenerator(model, tokenizer)
+    first = generator.generate(["Passage: The fox."], SAMPLING, n=2)
+    again = generator.generate(["Passage: The fox."], SAMPLING, n=2)
+    other = generator.generate(["Passage: The fox."], SamplingSettings(max_new_tokens=12, seed=1), n=2)
+    assert first == again
+    assert first != other
+    assert first[0][0] != first[0][1]  # the n samples are distinct draws, not copies
+
+
+def test_transformers_greedy_gives_n_identical_texts(tiny_model):
+    model, tokenizer = tiny_model
+    out = TransformersGenerator(model, tokenizer).generate(["Passage: The fox.", "Other"], GREEDY, n=3)
+    assert [len(group) for group in out] == [3, 3]
+    assert all(len(set(group)) == 1 for group in out)
+
+
+def test_transformers_name_defaults_to_the_model_path(tiny_model, tiny_model_dir):
+    model, tokenizer = tiny_model
+    assert TransformersGenerator(model, tokenizer).name == str(tiny_model_dir)
+    assert TransformersGenerator(model, tokenizer, name="tiny").name == "tiny"
+
+
+def test_transformers_rejects_n_below_one(tiny_model):
+    model, tokenizer = tiny_model
+    with pytest.raises(ValueError, match="n must be"):
+        TransformersGenerator(model, tokenizer).generate(["x"], SAMPLING, n=0)
+
+
+# --- OpenAI-compatible HTTP ------------------------------------------------------------------------
+
+
+class FakeChatServer:
+    """A real HTTP server on loopback that records requests and replays scripted replies."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        # Each reply: (status, body dict or str). When the script runs out, echo n choices.
+        self.script: list[tuple[int, object]] = []
+        self.max_choices: int | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status, reply = server.script.pop(0) if server.script else (200, server.echo(body))
+                payload = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def echo(self, body: dict) -> dict:
+        count = body["n"] if self.max_choices is None else min(body["n"], self.max_choices)
+        prompt = body["messages"][0]["content"]
+        # Out of index order on purpose: the client must sort by index.
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": f"{prompt}|{len(self.requests)}|{i}"}}
+            for i in reversed(range(count))
+        ]
+        return {"id": "x", "object": "chat.completion", "choices": choices}
+
+
+@pytest.fixture()
+def chat_server():
+    server = FakeChatServer()
+    server.thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+def test_chat_completion_body_shapes_the_request():
+    body = chat_completion_body(
+        "m", "hello", SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=64, seed=5), 4
+    )
+    assert body == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hello"}],
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 64,
+        "n": 4,
+        "seed": 5,
+    }
+
+
+def test_completion_texts_orders_choices_and_maps_null_content_to_empty():
+    response = {
+        "choices": [{"index": 1, "message": {"content": None}}, {"index": 0, "message": {"content": "a"}}]
+    }
+    assert completion_texts(response) == ["a", ""]
+    with pytest.raises(GenerationError, match="malformed"):
+        completion_texts({"error": "nope"})
+
+
+def test_openai_request_shaping_and_parsing(chat_server):
+    generator = OpenAIGenerator(chat_server.base_url + "/", "teacher-7b", api_key="sk-test")
+    out = generator.generate(
+        ["p1", "p2"], SamplingSettings(temperature=0.5, top_p=0.8, max_new_tokens=32), n=2
+    )
+    assert out == [["p1|1|0", "p1|1|1"], ["p2|2|0", "p2|2|1"]]
+    assert generator.name == "teacher-7b"
+    first = chat_server.requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    assert first["headers"]["Authorization"] == "Bearer sk-test"
+    assert first["headers"]["Content-Type"] == "application/json"
+    body = first["body"]
+    assert body["model"] == "teacher-7b"
+    assert body["messages"] == [{"role": "user", "content": "p1"}]
+    assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (2, 0.5, 0.8, 32)
+
+
+def test_openai_sends_no_auth_header_without_a_key(chat_server):
+    OpenAIGenerator(chat_server.base_url, "m").generate(["p"], SAMPLING, n=1)
+    assert "Authorization" not in chat_server.requests[0]["headers"]
+
+
+def test_openai_asks_again_when_the_server_ignores_n(chat_server):
+    chat_server.max_choices = 1
+    out = OpenAIGenerator(chat_server.base_url, "m").generate(["p"], SAMPLING, n=3)
+    assert out == [["p|1|0", "p|2|0", "p|3|0"]]
+    assert [r["body"]["n"] for r in chat_server.requests] == [3, 2, 1]
+    # A fresh seed each call, so a seeded server does not hand back the same sample.
+    assert len({r["body"]["seed"] for r in chat_server.requests}) == 3
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_openai_retries_after_a_transient_error(chat_server, status):
+    chat_server.script = [(status, {"error": "busy"})]
+    out = OpenAIGenerator(chat_server.base_url, "m", backoff_s=0).generate(["p"], SAMPLING, n=1)
+    assert out == [["p|2|0"]]
+    assert len(chat_server.requests) == 2
+
+
+def test_openai_bad_request_fails_at_once_with_status_and_body(chat_server):
+    chat_server.script = [(400, {"error": {"message": "max_tokens is too large"}})]
+    generator = OpenAIGenerator(chat_server.base_url, "m", backoff_s=0)
+    with pytest.raises(GenerationError, match=r"HTTP 400.*max_tokens is too large"):
+        generator.generate(["p"], SAMPLING, n=1)
+    assert len(chat_server.requests) == 1
+
+
+def test_openai_gives_up_after_max_retries(chat_server):
+    chat_server.script = [(503, "down")] * 5
+    generator = OpenAIGenerator(chat_server.base_url, "m", max_retries=2, backoff_s=0)
+    with pytest.raises(GenerationError, match=r"after 3 attempts: HTTP 503: down"):
+        generator.generate(["p"], SAMPLING, n=1)
+    assert len(chat_server.requests) == 3
+
+
+def test_openai_connection_refused_is_retried_then_reported():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens on the port any more.
+    generator = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", "m", timeout_s=2, max_retries=1, backoff_s=0)
+    with pytest.raises(GenerationError, match="after 2 attempts"):
+        generator.generate(["p"], SAMPLING, n=1)
+
+
+def test_openai_reply_that_is_not_json_is_a_clear_error(chat_server):
+    chat_server.script = [(200, "<html>proxy error</html>")]
+    with pytest.raises(GenerationError, match="not JSON"):
+        OpenAIGenerator(chat_server.base_url, "m").generate(["p"], SAMPLING, n=1)
+
+
+def test_openai_reply_with_no_choices_is_an_error_not_a_loop(chat_server):
+    chat_server.script = [(200, {"choices": []})]
+    with pytest.raises(GenerationError, match="no choices"):
+        OpenAIGenerator(chat_server.base_url, "m").generate(["p"], SAMPLING, n=2)
+
+
+# --- vLLM ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_vllm_generates_n_completions_with_a_tiny_local_model(tmp_path: Path):
+    pytest.importorskip("vllm")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    # hidden 256 / 4 heads = head size 64, one every vLLM attention backend supports.
+    model_dir = build_tiny_model(tmp_path / "tiny", hidden_size=256)
+    generator = VLLMGenerator(
+        str(model_dir), dtype="float16", max_model_len=512, gpu_memory_utilization=0.2, enforce_eager=True
+    )
+    out = generator.generate(["Passage: The fox.", "Other prompt"], SAMPLING, n=3)
+    again = generator.generate(["Passage: The fox.", "Other prompt"], SAMPLING, n=3)
+    greedy = generator.generate(["Passage: The fox."], GREEDY, n=2)
+    assert [len(group) for group in out] == [3, 3]
+    assert all(isinstance(t, str) and not any(s in t for s in SPECIAL_TOKENS) for g in out for t in g)
+    assert out == again
+    assert len(greedy[0]) == 2 and greedy[0][0] == greedy[0][1]
+    assert generator.name == str(model_dir)
