@@ -19,12 +19,22 @@ from auditor.signing import VerdictSigner
 from seal import convert
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
-from seal.records import AdapterRef, Document, QuestionScore, SelfEdit, Verdict, from_dict, sha256_text, to_dict, to_json
+from seal.records import (
+    AdapterRef,
+    Document,
+    QuestionScore,
+    SelfEdit,
+    Verdict,
+    from_dict,
+    sha256_text,
+    to_dict,
+    to_json,
+)
 from seal.runtime import connect_plane, consumer_name, load_base_model
 from seal.server import ServiceProcess
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_document
-from seal.workplane import Task, WorkPlane, Worker
+from seal.workplane import Task, Worker, WorkPlane
 from student.client import fetch_adapter
 
 
@@ -50,7 +60,9 @@ class AuditorEngine:
                 f"{self.base_fingerprint[:16]}…; run the auditor on the student's base model",
             )
         if adapter.self_edit_id != self_edit.id:
-            raise InvalidArgument("adapter.self_edit_id", f"is {adapter.self_edit_id!r}, self_edit.id is {self_edit.id!r}")
+            raise InvalidArgument(
+                "adapter.self_edit_id", f"is {adapter.self_edit_id!r}, self_edit.id is {self_edit.id!r}"
+            )
         adapter_dir = fetch_adapter(adapter.student_address, adapter.sha256, self.adapters_root)
         with self.lock:
             baseline = self._baseline(doc)
@@ -95,7 +107,9 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
 
     def GetSigningKey(self, request: auditor_pb2.GetSigningKeyRequest, context: grpc.ServicerContext) -> Any:
         signer = self.engine.signer
-        return auditor_pb2.SigningKey(key_id=signer.key_id, public_key=signer.public_key_bytes(), algorithm="ed25519")
+        return auditor_pb2.SigningKey(
+            key_id=signer.key_id, public_key=signer.public_key_bytes(), algorithm="ed25519"
+        )
 
 
 def load_document(plane: WorkPlane, job_id: str, doc_index: int) -> Document:
@@ -121,22 +135,37 @@ def audit_handler(engine: AuditorEngine, plane: WorkPlane) -> Callable[[dict[str
 
 def audit_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
     verdict = result["verdict"]
-    event = {"type": "verdict", "job_id": verdict["job_id"], "self_edit_id": verdict["self_edit_id"],
-             "verdict": verdict}
+    event = {
+        "type": "verdict",
+        "job_id": verdict["job_id"],
+        "self_edit_id": verdict["self_edit_id"],
+        "verdict": verdict,
+    }
     return [Task("events", f"verdict/{verdict['self_edit_id']}", event)]
 
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: load the base model and signing key, start gRPC and the seal:audit worker."""
     if config.grading_metric not in GRADING_METRICS:
-        raise ValueError(f"grading_metric must be one of {', '.join(GRADING_METRICS)}, got {config.grading_metric!r}")
+        raise ValueError(
+            f"grading_metric must be one of {', '.join(GRADING_METRICS)}, got {config.grading_metric!r}"
+        )
     model, tokenizer, _, fingerprint = load_base_model(config)
     signer = VerdictSigner.load_or_create(config.data_dir / "auditor-ed25519.key")
-    engine = AuditorEngine(model, tokenizer, fingerprint, signer, config.data_dir / "adapters",
-                           metric=config.grading_metric)
+    engine = AuditorEngine(
+        model, tokenizer, fingerprint, signer, config.data_dir / "adapters", metric=config.grading_metric
+    )
     plane = connect_plane(config)
-    worker = Worker(plane, "audit", "auditor", consumer_name(config), audit_handler(engine, plane), audit_followups,
-                    visibility_timeout_s=config.visibility_timeout_s, max_attempts=config.max_attempts)
+    worker = Worker(
+        plane,
+        "audit",
+        "auditor",
+        consumer_name(config),
+        audit_handler(engine, plane),
+        audit_followups,
+        visibility_timeout_s=config.visibility_timeout_s,
+        max_attempts=config.max_attempts,
+    )
 
     def register(server: grpc.Server) -> list[str]:
         auditor_pb2_grpc.add_AuditorServicer_to_server(AuditorServicer(engine), server)

@@ -55,7 +55,9 @@ def parse_job_spec(data: Any) -> JobSpec:
             raise InvalidArgument(f"documents[{i}]", "must be an object {title, context, questions: [...]}")
         for j, qa in enumerate(doc.get("questions", [])):
             if not isinstance(qa, dict):
-                raise InvalidArgument(f"documents[{i}].questions[{j}]", "must be an object {question, answer}")
+                raise InvalidArgument(
+                    f"documents[{i}].questions[{j}]", "must be an object {question, answer}"
+                )
     try:
         return from_dict(JobSpec, data)
     except (TypeError, ValueError) as exc:

@@ -19,8 +19,9 @@ class GatewayClient:
         self.timeout_s = timeout_s
 
     def submit(self, spec: JobSpec) -> Job:
-        reply = self.stub.SubmitJob(convert.to_pb(spec, gateway_pb2.JobSpec), timeout=self.timeout_s,
-                                    wait_for_ready=True)
+        reply = self.stub.SubmitJob(
+            convert.to_pb(spec, gateway_pb2.JobSpec), timeout=self.timeout_s, wait_for_ready=True
+        )
         return convert.from_pb(Job, reply)
 
     def get(self, job_id: str) -> Job:

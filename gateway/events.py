@@ -62,8 +62,11 @@ def event_handler(store: JobStore, keys: SigningKeys) -> Callable[[dict[str, Any
         record = from_dict(Verdict, event["verdict"])
         if not keys.verify(record):
             log.error("verdict signature invalid", extra={"self_edit_id": record.self_edit_id})
-            store.set_state(event["job_id"], JobState.FAILED,
-                            error=f"verdict for {record.self_edit_id} is not signed by the auditor; refused")
+            store.set_state(
+                event["job_id"],
+                JobState.FAILED,
+                error=f"verdict for {record.self_edit_id} is not signed by the auditor; refused",
+            )
             return
         store.record(event["job_id"], event["self_edit_id"], "verdict", event["verdict"])
         store.finish_if_complete(event["job_id"])

@@ -64,7 +64,9 @@ class JobStore:
         raw = self.redis.get(self._k("job", job_id)) if job_id else None
         if raw is None:
             raise NotFound(f"no job with id {job_id!r}")
-        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._k("job", job_id, "state")).items()}
+        state = {
+            k.decode(): v.decode() for k, v in self.redis.hgetall(self._k("job", job_id, "state")).items()
+        }
         parts = {
             k.decode(): json.loads(v) for k, v in self.redis.hgetall(self._k("job", job_id, "parts")).items()
         }

@@ -47,15 +47,32 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     plane = connect_plane(config)
     store = JobStore(plane)
     keys = SigningKeys(auditor_key_fetcher(config.auditor_address))
-    limits = Limits(max_documents=config.max_documents, max_self_edits=config.max_self_edits,
-                    max_context_chars=config.max_context_chars)
+    limits = Limits(
+        max_documents=config.max_documents,
+        max_self_edits=config.max_self_edits,
+        max_context_chars=config.max_context_chars,
+    )
     api = GatewayApi(store, limits, config.model)
     consumer = consumer_name(config)
     workers = [
-        Worker(plane, "events", "gateway", consumer, event_handler(store, keys),
-               visibility_timeout_s=config.visibility_timeout_s, max_attempts=config.max_attempts),
-        Worker(plane, "dead", "gateway", consumer, dead_letter_handler(store),
-               visibility_timeout_s=config.visibility_timeout_s, max_attempts=config.max_attempts),
+        Worker(
+            plane,
+            "events",
+            "gateway",
+            consumer,
+            event_handler(store, keys),
+            visibility_timeout_s=config.visibility_timeout_s,
+            max_attempts=config.max_attempts,
+        ),
+        Worker(
+            plane,
+            "dead",
+            "gateway",
+            consumer,
+            dead_letter_handler(store),
+            visibility_timeout_s=config.visibility_timeout_s,
+            max_attempts=config.max_attempts,
+        ),
     ]
 
     def register(server: grpc.Server) -> list[str]:

@@ -36,8 +36,9 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
     resolve_model(args.model)  # once here, rather than three services at a time
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or os.environ.get("SEAL_REDIS_URL", "")
     print("starting redis (embedded unless REDIS_URL is set) and the four services…", flush=True)
-    return LocalStack(model=args.model, data_dir=Path(args.data_dir), redis_url=redis_url,
-                      threads=args.threads).start()
+    return LocalStack(
+        model=args.model, data_dir=Path(args.data_dir), redis_url=redis_url, threads=args.threads
+    ).start()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -71,10 +72,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         job = client.submit(spec)
         print(f"job {job.id}: {len(spec.documents)} passages × {spec.n_self_edits} self-edits", flush=True)
         job = watch_with_progress(client, job.id)
+        peaks = stack.peak_rss_mb() if stack is not None else {}
     finally:
         if stack is not None:
             stack.stop()
     print(render_table(job))
+    if peaks:
+        print("\npeak resident memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
     print(f"\nwall time: {time.monotonic() - started:.0f} s")
     return 0 if job.state.value == "succeeded" else 1
 
@@ -102,7 +106,9 @@ def render_table(job: Any) -> str:
     lines = []
     if job.error:
         lines.append(f"job {job.id} {job.state.value}: {job.error}")
-    header = f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'best self-edit':>15} {'reward':>7}"
+    header = (
+        f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'best self-edit':>15} {'reward':>7}"
+    )
     lines += ["", header, "-" * len(header)]
     for doc in job.documents:
         control = next((e for e in doc.edits if e.self_edit.format.value == "passage" and e.verdict), None)
@@ -161,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    for name, func, text in (("up", cmd_up, "start a local stack until Ctrl-C"),
-                             ("demo", cmd_demo, "run the bundled example and print the table")):
+    for name, func, text in (
+        ("up", cmd_up, "start a local stack until Ctrl-C"),
+        ("demo", cmd_demo, "run the bundled example and print the table"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default=DEFAULT_MODEL)
         p.add_argument("--data-dir", default=".seal")

@@ -99,23 +99,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None)
 
 
-def load_config(kind: str, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> ServiceConfig:
+def load_config(
+    kind: str, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> ServiceConfig:
     """Defaults, then SEAL_<FIELD> environment variables, then flags that were given."""
-    env = os.environ if env is None else env
+    environ: Any = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in dataclasses.fields(ServiceConfig):
         if f.name == "kind":
             continue
         raw = (flags or {}).get(f.name)
         if raw is None:
-            raw = env.get("SEAL_" + f.name.upper())
+            raw = environ.get("SEAL_" + f.name.upper())
         if raw is not None:
             values[f.name] = _coerce(f, raw)
     return ServiceConfig(kind=kind, **values)
 
 
 def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
     try:
         if isinstance(default, bool):
             return str(raw).lower() in ("1", "true", "yes", "on")

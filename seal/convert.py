@@ -15,7 +15,6 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 T = TypeVar("T")
@@ -52,11 +51,11 @@ def from_pb(cls: type[T], msg: Message) -> T:
 _DEFAULT = object()
 
 
-def _is_repeated(fd: FieldDescriptor) -> bool:
+def _is_repeated(fd: Any) -> bool:
     return bool(fd.is_repeated)
 
 
-def _is_set(msg: Message, fd: FieldDescriptor) -> bool:
+def _is_set(msg: Message, fd: Any) -> bool:
     if _is_repeated(fd):
         return len(getattr(msg, fd.name)) > 0
     if fd.has_presence:
@@ -78,7 +77,7 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _from_value(tp: Any, fd: FieldDescriptor, value: Any) -> Any:
+def _from_value(tp: Any, fd: Any, value: Any) -> Any:
     tp = _unwrap_optional(tp)
     if _is_repeated(fd):
         (item_tp,) = typing.get_args(tp)[:1]
@@ -86,7 +85,7 @@ def _from_value(tp: Any, fd: FieldDescriptor, value: Any) -> Any:
     return _from_scalar_or_message(tp, fd, value)
 
 
-def _from_scalar_or_message(tp: Any, fd: FieldDescriptor, value: Any) -> Any:
+def _from_scalar_or_message(tp: Any, fd: Any, value: Any) -> Any:
     if fd.message_type is not None:
         return from_pb(tp, value)
     if fd.enum_type is not None:
@@ -116,7 +115,7 @@ def _fill(msg: Message, record: Any) -> None:
             setattr(msg, f.name, _to_scalar(fd, value))
 
 
-def _to_scalar(fd: FieldDescriptor, value: Any) -> Any:
+def _to_scalar(fd: Any, value: Any) -> Any:
     if fd.enum_type is not None:
         return fd.enum_type.values_by_name[_enum_prefix(type(value)) + value.name].number
     return value

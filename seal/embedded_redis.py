@@ -56,8 +56,19 @@ def start_redis(port: int | None = None, timeout_s: float = 15.0) -> EmbeddedRed
     port = port or free_port()
     workdir = tempfile.TemporaryDirectory(prefix="seal-redis-")
     proc = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir.name],
+        [
+            find_redis_server(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir.name,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -260,7 +260,7 @@ def _build(tp: Any, data: Any) -> Any:
         return tuple(_build(item, x) for x in data)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return tp(data)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         unknown = set(data) - names

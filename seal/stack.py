@@ -20,6 +20,12 @@ from seal.config import SERVICE_KINDS
 from seal.embedded_redis import EmbeddedRedis, free_port, redis_answers, start_redis
 
 
+def default_threads() -> int:
+    """torch threads per model service: three of them share this machine's cores. Oversubscribed
+    OpenMP threads spin against each other; on 2 cores that made training 10x slower."""
+    return max(1, (os.cpu_count() or 1) // 3)
+
+
 @dataclass
 class LocalStack:
     model: str
@@ -57,14 +63,18 @@ class LocalStack:
 
     def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
         flags = [
-            "--listen", self.addresses[kind],
-            "--redis-url", self.redis_url,
-            "--namespace", self.namespace,
-            "--model", self.model,
-            "--data-dir", str(self.data_dir / kind),
+            "--listen",
+            self.addresses[kind],
+            "--redis-url",
+            self.redis_url,
+            "--namespace",
+            self.namespace,
+            "--model",
+            self.model,
+            "--data-dir",
+            str(self.data_dir / kind),
         ]
-        if self.threads:
-            flags += ["--threads", str(self.threads)]
+        flags += ["--threads", str(self.threads or default_threads())]
         if kind == "gateway":
             flags += ["--auditor-address", self.addresses["auditor"], "--http-listen", self.http_address]
         flags += self.extra_flags.get(kind, [])
@@ -93,6 +103,16 @@ class LocalStack:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{kind} did not become healthy; see {self.log_path(kind)}")
                 time.sleep(0.3)
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Each live service's peak resident memory so far (Linux VmHWM), in MiB."""
+        peaks = {}
+        for kind, proc in self.processes.items():
+            status = Path(f"/proc/{proc.pid}/status")
+            if proc.poll() is None and status.exists():
+                line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+                peaks[kind] = int(line.split()[1]) / 1024
+        return peaks
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM every service (they drain), then stop the embedded Redis."""

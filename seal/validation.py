@@ -25,7 +25,9 @@ class Limits:
 
 def check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidArgument(field, f"must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+        raise InvalidArgument(
+            field, f"must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}"
+        )
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         raise InvalidArgument(field, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
@@ -60,7 +62,9 @@ def validate_passage(title: str, context: str, limits: Limits, prefix: str) -> N
     if not isinstance(title, str) or not title.strip():
         raise InvalidArgument(f"{prefix}.title", "must not be empty")
     if len(title) > limits.max_title_chars:
-        raise InvalidArgument(f"{prefix}.title", f"must be at most {limits.max_title_chars} characters, got {len(title)}")
+        raise InvalidArgument(
+            f"{prefix}.title", f"must be at most {limits.max_title_chars} characters, got {len(title)}"
+        )
     if not isinstance(context, str) or not context.strip():
         raise InvalidArgument(f"{prefix}.context", "must not be empty")
     if len(context) > limits.max_context_chars:
@@ -75,7 +79,8 @@ def validate_document(doc: Document, limits: Limits, prefix: str) -> None:
         raise InvalidArgument(f"{prefix}.questions", "τ must hold at least one question with its answer")
     if len(doc.questions) > limits.max_questions:
         raise InvalidArgument(
-            f"{prefix}.questions", f"must hold at most {limits.max_questions} questions, got {len(doc.questions)}"
+            f"{prefix}.questions",
+            f"must hold at most {limits.max_questions} questions, got {len(doc.questions)}",
         )
     for j, qa in enumerate(doc.questions):
         if not isinstance(qa.question, str) or not qa.question.strip():
@@ -93,13 +98,19 @@ def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> N
     if not spec.documents:
         raise InvalidArgument("documents", "must hold at least one document (title, context, questions)")
     if len(spec.documents) > limits.max_documents:
-        raise InvalidArgument("documents", f"must hold at most {limits.max_documents} documents, got {len(spec.documents)}")
+        raise InvalidArgument(
+            "documents", f"must hold at most {limits.max_documents} documents, got {len(spec.documents)}"
+        )
     for i, doc in enumerate(spec.documents):
         validate_document(doc, limits, f"documents[{i}]")
     check_int_range("n_self_edits", spec.n_self_edits, 1, limits.max_self_edits)
     if spec.edit_format == EditFormat.PASSAGE:
-        raise InvalidArgument("edit_format", "must be implications, rewrite or self_qa (passage is the control)")
+        raise InvalidArgument(
+            "edit_format", "must be implications, rewrite or self_qa (passage is the control)"
+        )
     validate_lora(spec.lora)
     validate_sampling(spec.sampling)
     if spec.model and spec.model != deployment_model:
-        raise InvalidArgument("model", f"unknown model {spec.model!r}; this deployment adapts {deployment_model!r}")
+        raise InvalidArgument(
+            "model", f"unknown model {spec.model!r}; this deployment adapts {deployment_model!r}"
+        )

@@ -88,13 +88,21 @@ class WorkPlane:
         raw = self.redis.get(self.key("result", stream, task_id))
         return None if raw is None else json.loads(raw)
 
-    def dead_letter(self, stream: str, task_id: str, payload: dict[str, Any], reason: str, attempts: int) -> None:
+    def dead_letter(
+        self, stream: str, task_id: str, payload: dict[str, Any], reason: str, attempts: int
+    ) -> None:
         self.redis.xadd(
             self.stream_key("dead"),
             {
                 "task_id": f"{stream}/{task_id}",
                 "payload": json.dumps(
-                    {"stream": stream, "task_id": task_id, "payload": payload, "reason": reason, "attempts": attempts}
+                    {
+                        "stream": stream,
+                        "task_id": task_id,
+                        "payload": payload,
+                        "reason": reason,
+                        "attempts": attempts,
+                    }
                 ),
             },
         )
@@ -126,7 +134,9 @@ class Worker:
         self.plane.ensure_group(self.stream, self.group)
 
     def run(self, stop: threading.Event, block_ms: int = 1000) -> None:
-        log.info("worker started", extra={"stream": self.stream, "group": self.group, "consumer": self.consumer})
+        log.info(
+            "worker started", extra={"stream": self.stream, "group": self.group, "consumer": self.consumer}
+        )
         while not stop.is_set():
             try:
                 self.poll_once(block_ms)
@@ -137,9 +147,9 @@ class Worker:
 
     def poll_once(self, block_ms: int = 1000) -> int:
         """Process at most one task: a reclaimed stuck one first, else a new one. Returns how many."""
-        messages = self.reclaim_stuck_tasks(count=1)
+        messages: Any = self.reclaim_stuck_tasks(count=1)
         if not messages:
-            reply = self.plane.redis.xreadgroup(
+            reply: Any = self.plane.redis.xreadgroup(
                 self.group, self.consumer, {self._stream_key: ">"}, count=1, block=block_ms
             )
             messages = reply[0][1] if reply else []
@@ -186,7 +196,9 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure of a task is recorded, not fatal to the worker
             permanent = isinstance(exc, PermanentError)
             reason = f"{type(exc).__name__}: {exc}"
-            log.exception("task failed", extra={"stream": self.stream, "task_id": task_id, "attempt": attempts})
+            log.exception(
+                "task failed", extra={"stream": self.stream, "task_id": task_id, "attempt": attempts}
+            )
             if permanent or attempts >= self.max_attempts:
                 self.plane.dead_letter(self.stream, task_id, payload, reason, attempts)
                 self.plane.redis.xack(self._stream_key, self.group, msg_id)
@@ -199,7 +211,13 @@ class Worker:
         # XAUTOCLAIM retries it after `retry_backoff_s` instead of a full timeout.
         idle_ms = max(0, int((self.visibility_timeout_s - self.retry_backoff_s) * 1000))
         self.plane.redis.xclaim(
-            self._stream_key, self.group, self.consumer, min_idle_time=0, message_ids=[msg_id], idle=idle_ms, justid=True
+            self._stream_key,
+            self.group,
+            self.consumer,
+            min_idle_time=0,
+            message_ids=[msg_id],
+            idle=idle_ms,
+            justid=True,
         )
 
     def _attempts_key(self, task_id: str) -> str:
@@ -214,7 +232,12 @@ class Worker:
             while not done.wait(self.visibility_timeout_s / 3):
                 try:
                     self.plane.redis.xclaim(
-                        self._stream_key, self.group, self.consumer, min_idle_time=0, message_ids=[msg_id], justid=True
+                        self._stream_key,
+                        self.group,
+                        self.consumer,
+                        min_idle_time=0,
+                        message_ids=[msg_id],
+                        justid=True,
                     )
                 except redis.RedisError as exc:
                     log.warning("heartbeat failed", extra={"error": str(exc)})

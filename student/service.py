@@ -71,7 +71,9 @@ class StudentServicer(student_pb2_grpc.StudentServicer):
         adapter = self.engine.apply(convert.from_pb(SelfEdit, request.self_edit))
         return convert.to_pb(adapter, types_pb2.AdapterRef)
 
-    def FetchAdapter(self, request: student_pb2.FetchAdapterRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+    def FetchAdapter(
+        self, request: student_pb2.FetchAdapterRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
         path = self.engine.adapter_dir(request.sha256)
         for filename, offset, data in iter_adapter_chunks(path):
             yield student_pb2.AdapterChunk(filename=filename, offset=offset, data=data)
@@ -88,7 +90,12 @@ def apply_handler(engine: StudentEngine) -> Callable[[dict[str, Any]], dict[str,
 def apply_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
     """Hand the adapter to the auditor, and tell the gateway it was trained."""
     se = payload["self_edit"]
-    event = {"type": "trained", "job_id": se["job_id"], "self_edit_id": se["id"], "adapter": result["adapter"]}
+    event = {
+        "type": "trained",
+        "job_id": se["job_id"],
+        "self_edit_id": se["id"],
+        "adapter": result["adapter"],
+    }
     return [
         Task("audit", se["id"], {"self_edit": se, "adapter": result["adapter"]}),
         Task("events", f"trained/{se['id']}", event),
@@ -101,8 +108,16 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     engine = StudentEngine(model, tokenizer, config.model, fingerprint, config.data_dir / "adapters")
     engine.adapters_root.mkdir(parents=True, exist_ok=True)
     plane = connect_plane(config)
-    worker = Worker(plane, "apply", "student", consumer_name(config), apply_handler(engine), apply_followups,
-                    visibility_timeout_s=config.visibility_timeout_s, max_attempts=config.max_attempts)
+    worker = Worker(
+        plane,
+        "apply",
+        "student",
+        consumer_name(config),
+        apply_handler(engine),
+        apply_followups,
+        visibility_timeout_s=config.visibility_timeout_s,
+        max_attempts=config.max_attempts,
+    )
 
     def register(server: grpc.Server) -> list[str]:
         student_pb2_grpc.add_StudentServicer_to_server(StudentServicer(engine), server)

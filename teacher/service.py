@@ -56,7 +56,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def __init__(self, engine: TeacherEngine) -> None:
         self.engine = engine
 
-    def ProposeSelfEdits(self, request: teacher_pb2.ProposeSelfEditsRequest, context: grpc.ServicerContext) -> Any:
+    def ProposeSelfEdits(
+        self, request: teacher_pb2.ProposeSelfEditsRequest, context: grpc.ServicerContext
+    ) -> Any:
         fmt = convert.enum_from_pb(EditFormat, types_pb2.EditFormat, request.format, EditFormat.IMPLICATIONS)
         edits = self.engine.propose(
             passage=convert.from_pb(Passage, request.passage),
@@ -67,7 +69,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             job_id=request.job_id or "adhoc",
             doc_index=request.doc_index,
         )
-        return teacher_pb2.ProposeSelfEditsResponse(self_edits=[convert.to_pb(e, types_pb2.SelfEdit) for e in edits])
+        return teacher_pb2.ProposeSelfEditsResponse(
+            self_edits=[convert.to_pb(e, types_pb2.SelfEdit) for e in edits]
+        )
 
 
 def propose_handler(engine: TeacherEngine):  # noqa: ANN201
@@ -90,8 +94,12 @@ def propose_handler(engine: TeacherEngine):  # noqa: ANN201
 def propose_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
     """One apply task per self-edit, and a "proposed" event for the gateway."""
     tasks = [Task("apply", se["id"], {"self_edit": se}) for se in result["self_edits"]]
-    event = {"type": "proposed", "job_id": payload["job_id"], "doc_index": payload["doc_index"],
-             "self_edits": result["self_edits"]}
+    event = {
+        "type": "proposed",
+        "job_id": payload["job_id"],
+        "doc_index": payload["doc_index"],
+        "self_edits": result["self_edits"],
+    }
     tasks.append(Task("events", f"proposed/{payload['job_id']}/{payload['doc_index']}", event))
     return tasks
 
@@ -100,8 +108,9 @@ def build_generator(config: ServiceConfig) -> Generator:
     if config.backend == "openai":
         if not config.openai_base_url or not config.openai_model:
             raise ValueError("backend openai needs --openai-base-url and --openai-model")
-        return BACKENDS["openai"](base_url=config.openai_base_url, model=config.openai_model,
-                                  api_key=config.openai_api_key)
+        return BACKENDS["openai"](
+            base_url=config.openai_base_url, model=config.openai_model, api_key=config.openai_api_key
+        )
     if config.backend == "vllm":
         from seal.models import resolve_model
 
@@ -109,15 +118,25 @@ def build_generator(config: ServiceConfig) -> Generator:
     if config.backend != "transformers":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
     model, tokenizer, _, fingerprint = load_base_model(config)
-    return BACKENDS["transformers"](model, tokenizer, device=config.device, name=f"{config.model}@{fingerprint[:12]}")
+    return BACKENDS["transformers"](
+        model, tokenizer, device=config.device, name=f"{config.model}@{fingerprint[:12]}"
+    )
 
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: build the teacher from config and start serving (returns once started)."""
     engine = TeacherEngine(build_generator(config), threading.Lock())
     plane = connect_plane(config)
-    worker = Worker(plane, "propose", "teacher", consumer_name(config), propose_handler(engine), propose_followups,
-                    visibility_timeout_s=config.visibility_timeout_s, max_attempts=config.max_attempts)
+    worker = Worker(
+        plane,
+        "propose",
+        "teacher",
+        consumer_name(config),
+        propose_handler(engine),
+        propose_followups,
+        visibility_timeout_s=config.visibility_timeout_s,
+        max_attempts=config.max_attempts,
+    )
 
     def register(server: grpc.Server) -> list[str]:
         teacher_pb2_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)

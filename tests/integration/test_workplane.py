@@ -46,8 +46,15 @@ def test_worker_stores_result_enqueues_followups_and_acks(plane) -> None:
 def test_redelivered_task_is_not_computed_twice(plane) -> None:
     """A worker that stored its result but died before acking: the next delivery reuses the result."""
     calls = []
-    worker = Worker(plane, "apply", "student", "w1", lambda p: calls.append(p) or {"ok": 1},
-                    lambda p, r: [Task("audit", "follow", r)], visibility_timeout_s=0.2)
+    worker = Worker(
+        plane,
+        "apply",
+        "student",
+        "w1",
+        lambda p: calls.append(p) or {"ok": 1},
+        lambda p, r: [Task("audit", "follow", r)],
+        visibility_timeout_s=0.2,
+    )
     plane.enqueue(Task("apply", "t1", {"x": 1}))
     plane.store_result("apply", "t1", {"ok": 1})  # as if computed, then the worker died
     assert worker.poll_once(block_ms=100) == 1
@@ -65,8 +72,9 @@ def test_stuck_task_of_dead_worker_is_reclaimed(plane) -> None:
     # A worker reads the task and dies without acking.
     plane.redis.xreadgroup("student", "dead-worker", {plane.stream_key("apply"): ">"}, count=1)
     done = []
-    survivor = Worker(plane, "apply", "student", "w2", lambda p: done.append(p) or {"ok": 1},
-                      visibility_timeout_s=0.3)
+    survivor = Worker(
+        plane, "apply", "student", "w2", lambda p: done.append(p) or {"ok": 1}, visibility_timeout_s=0.3
+    )
     assert survivor.poll_once(block_ms=50) == 0  # not idle long enough yet
     time.sleep(0.4)
     assert survivor.poll_once(block_ms=50) == 1
@@ -103,8 +111,9 @@ def test_failing_task_is_retried_then_dead_lettered(plane) -> None:
         raise RuntimeError("boom")
 
     plane.enqueue(Task("apply", "t1", {"x": 1}))
-    worker = Worker(plane, "apply", "student", "w1", flaky, visibility_timeout_s=0.5, max_attempts=2,
-                    retry_backoff_s=0.1)
+    worker = Worker(
+        plane, "apply", "student", "w1", flaky, visibility_timeout_s=0.5, max_attempts=2, retry_backoff_s=0.1
+    )
     worker.poll_once(block_ms=100)
     assert plane.pending_count("apply", "student") == 1  # kept for a retry
     time.sleep(0.2)

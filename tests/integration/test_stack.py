@@ -1,0 +1,282 @@
+"""The four real services as processes on loopback, real Redis, a tiny random model: jobs end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from auditor.signing import verify_verdict
+from gateway.client import GatewayClient
+from seal.records import EditFormat, Job, JobState, from_dict, to_dict
+from seal.stack import LocalStack
+from seal.v1 import (
+    auditor_pb2,
+    auditor_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    student_pb2,
+    student_pb2_grpc,
+)
+from student.artifacts import file_sha256
+
+SMALL_JOB = {
+    "n_self_edits": 2,
+    "lora": {"epochs": 1, "rank": 4},
+    "sampling": {"max_new_tokens": 24},
+    "documents": [
+        {
+            "title": "Alpha",
+            "context": "Alpha is a town by the sea.",
+            "questions": [
+                {"question": "What is Alpha?", "answer": "a town"},
+                {"question": "Where is Alpha?", "answer": "by the sea"},
+            ],
+        },
+        {
+            "title": "Beta",
+            "context": "Beta is a river in the north.",
+            "questions": [{"question": "What is Beta?", "answer": "a river"}],
+        },
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    with LocalStack(
+        model=str(tiny_model_dir),
+        data_dir=tmp_path_factory.mktemp("stack"),
+        redis_url=redis_url,
+        namespace=f"seal-it-{uuid.uuid4().hex[:8]}",
+        threads=1,
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(stack: LocalStack) -> GatewayClient:
+    return GatewayClient(stack.addresses["gateway"])
+
+
+@pytest.fixture(scope="module")
+def finished_job(client: GatewayClient) -> Job:
+    from gateway.api import parse_job_spec
+
+    job = client.submit(parse_job_spec(SMALL_JOB))
+    return wait_finished(client, job.id)
+
+
+def wait_finished(client: GatewayClient, job_id: str, timeout_s: float = 240) -> Job:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job.state in (JobState.SUCCEEDED, JobState.FAILED):
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not finish: {client.get(job_id).progress}")
+
+
+def test_job_completes_with_every_self_edit_trained_and_audited(finished_job: Job) -> None:
+    job = finished_job
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.progress.audited == job.progress.self_edits == 2 * (2 + 1)
+    for doc in job.documents:
+        formats = [e.self_edit.format for e in doc.edits]
+        assert formats.count(EditFormat.IMPLICATIONS) == 2 and formats[-1] == EditFormat.PASSAGE
+        for edit in doc.edits:
+            v = edit.verdict
+            assert edit.adapter is not None and v is not None
+            assert v.adapter_sha256 == edit.adapter.sha256
+            assert v.reward == pytest.approx(v.adapted_accuracy - v.baseline_accuracy)
+            assert len(v.adapted_scores) == len(job.spec.documents[doc.doc_index].questions)
+            assert edit.adapter.train_seconds > 0 and v.eval_seconds > 0
+        assert doc.best_self_edit_id in {e.self_edit.id for e in doc.edits if e.self_edit.index >= 0}
+
+
+def test_verdicts_carry_the_auditors_valid_signature(stack: LocalStack, finished_job: Job) -> None:
+    with grpc.insecure_channel(stack.addresses["auditor"]) as channel:
+        key = auditor_pb2_grpc.AuditorStub(channel).GetSigningKey(auditor_pb2.GetSigningKeyRequest())
+    verdicts = [e.verdict for d in finished_job.documents for e in d.edits]
+    assert all(verify_verdict(v, key.public_key) for v in verdicts)
+    forged = from_dict(type(verdicts[0]), {**to_dict(verdicts[0]), "reward": 1.0})
+    assert not verify_verdict(forged, key.public_key)
+
+
+def test_adapter_bytes_travel_over_grpc_and_match_their_sha(
+    stack: LocalStack, finished_job: Job, tmp_path: Path
+) -> None:
+    adapter = finished_job.documents[0].edits[0].adapter
+    with grpc.insecure_channel(adapter.student_address) as channel:
+        chunks = list(
+            student_pb2_grpc.StudentStub(channel).FetchAdapter(
+                student_pb2.FetchAdapterRequest(sha256=adapter.sha256)
+            )
+        )
+    files = {c.filename for c in chunks}
+    assert {"adapter_model.safetensors", "adapter_config.json", "provenance.json"} <= files
+    weights = b"".join(c.data for c in chunks if c.filename == "adapter_model.safetensors")
+    (tmp_path / "w").write_bytes(weights)
+    assert file_sha256(tmp_path / "w") == adapter.sha256
+    provenance = json.loads(b"".join(c.data for c in chunks if c.filename == "provenance.json"))
+    assert provenance["self_edit_id"] == adapter.self_edit_id
+    assert provenance["base_fingerprint"] == adapter.base_fingerprint
+
+
+def test_job_is_readable_over_http(stack: LocalStack, finished_job: Job) -> None:
+    body = _http("GET", stack, f"/v1/jobs/{finished_job.id}")
+    assert body["state"] == "succeeded"
+    assert len(body["documents"]) == 2
+    assert finished_job.id in _http("GET", stack, "/v1/jobs")["jobs"]
+
+
+def test_http_submit_runs_a_job(stack: LocalStack, client: GatewayClient) -> None:
+    one_doc = {
+        **SMALL_JOB,
+        "n_self_edits": 1,
+        "passage_control": False,
+        "documents": SMALL_JOB["documents"][1:],
+    }
+    created = _http("POST", stack, "/v1/jobs", one_doc, expect=201)
+    job = wait_finished(client, created["id"])
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert [e.self_edit.index for e in job.documents[0].edits] == [0]
+
+
+BAD_INPUTS = [
+    ("documents", lambda j: j.update(documents=[])),
+    ("documents[0].context", lambda j: j["documents"][0].update(context="")),
+    ("documents[0].context", lambda j: j["documents"][0].update(context="x" * 9000)),
+    ("documents[0].questions", lambda j: j["documents"][0].update(questions=[])),
+    ("documents[0].questions[0].answer", lambda j: j["documents"][0]["questions"][0].update(answer="")),
+    ("n_self_edits", lambda j: j.update(n_self_edits=0)),
+    ("n_self_edits", lambda j: j.update(n_self_edits=1000)),
+    ("lora.rank", lambda j: j.update(lora={"rank": 0})),
+    ("lora.learning_rate", lambda j: j.update(lora={"learning_rate": 5.0})),
+    ("model", lambda j: j.update(model="no-such-model")),
+]
+
+
+def _bad_job(mutate) -> dict:  # noqa: ANN001
+    job = json.loads(json.dumps(SMALL_JOB))
+    mutate(job)
+    return job
+
+
+@pytest.mark.parametrize(("field", "mutate"), BAD_INPUTS)
+def test_bad_input_over_grpc_is_invalid_argument_and_enqueues_nothing(stack, field, mutate) -> None:  # noqa: ANN001
+    from google.protobuf import json_format
+
+    queued = _propose_len(stack)
+    request = json_format.ParseDict(_bad_job(mutate), gateway_pb2.JobSpec())
+    with grpc.insecure_channel(stack.addresses["gateway"]) as channel, pytest.raises(grpc.RpcError) as err:
+        gateway_pb2_grpc.GatewayStub(channel).SubmitJob(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+    assert _propose_len(stack) == queued
+
+
+@pytest.mark.parametrize(("field", "mutate"), BAD_INPUTS)
+def test_bad_input_over_http_is_400_naming_the_field(stack, field, mutate) -> None:  # noqa: ANN001
+    queued = _propose_len(stack)
+    body = _http("POST", stack, "/v1/jobs", _bad_job(mutate), expect=400)
+    assert body["error"]["field"] == field
+    assert body["error"]["code"] == "bad_request"
+    assert _propose_len(stack) == queued
+
+
+def test_malformed_http_bodies_are_400(stack: LocalStack) -> None:
+    assert "JSON" in _http("POST", stack, "/v1/jobs", b"{not json", expect=400)["error"]["message"]
+    assert _http("POST", stack, "/v1/jobs", [1, 2], expect=400)["error"]["field"] == "body"
+    assert (
+        _http("POST", stack, "/v1/jobs", {**SMALL_JOB, "edit_format": "poem"}, expect=400)["error"]["field"]
+        == "edit_format"
+    )
+
+
+def test_unknown_job_is_not_found(stack: LocalStack, client: GatewayClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.get("does-not-exist")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "does-not-exist" in _http("GET", stack, "/v1/jobs/does-not-exist", expect=404)["error"]["message"]
+
+
+def test_every_service_reports_health_and_reflection(stack: LocalStack) -> None:
+    expected = {
+        "teacher": "seal.v1.Teacher",
+        "student": "seal.v1.Student",
+        "auditor": "seal.v1.Auditor",
+        "gateway": "seal.v1.Gateway",
+    }
+    for kind, service in expected.items():
+        with grpc.insecure_channel(stack.addresses[kind]) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = {s.name for r in replies for s in r.list_services_response.service}
+            assert service in names
+
+
+def test_services_log_json(stack: LocalStack, finished_job: Job) -> None:
+    lines = [ln for ln in stack.log_path("student").read_text().splitlines() if ln.startswith("{")]
+    entries = [json.loads(ln) for ln in lines]
+    assert any(e["msg"] == "serving" and e["service"] == "student" for e in entries)
+
+
+def test_a_job_survives_a_gateway_restart(
+    stack: LocalStack, client: GatewayClient, finished_job: Job
+) -> None:
+    """Job state lives in Redis: a new gateway process serves the jobs of the old one."""
+    old = stack.processes["gateway"]
+    old.send_signal(signal.SIGTERM)
+    assert old.wait(timeout=30) == 0  # drained cleanly
+    stack.processes["gateway"] = stack._spawn("gateway")
+    stack._wait_healthy("gateway", time.monotonic() + 60)
+    assert GatewayClient(stack.addresses["gateway"]).get(finished_job.id) == client.get(finished_job.id)
+
+
+def _propose_len(stack: LocalStack) -> int:
+    return int(redis.Redis.from_url(stack.redis_url).xlen(f"{stack.namespace}:stream:propose"))
+
+
+def _http(method: str, stack: LocalStack, path: str, body=None, expect: int = 200):  # noqa: ANN001
+    data = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(
+        f"http://{stack.http_address}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    assert status == expect, payload
+    return json.loads(payload)
+
+
+def test_direct_rpcs_validate_their_input(stack: LocalStack) -> None:
+    with grpc.insecure_channel(stack.addresses["student"]) as channel:
+        stub = student_pb2_grpc.StudentStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ApplySelfEdit(student_pb2.ApplySelfEditRequest())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.FetchAdapter(student_pb2.FetchAdapterRequest(sha256="0" * 64)))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.FetchAdapter(student_pb2.FetchAdapterRequest(sha256="../etc")))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
