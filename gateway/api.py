@@ -10,7 +10,7 @@ from typing import Any
 from gateway.core import TERMINAL_STATES
 from gateway.jobs import JobStore
 from seal.errors import InvalidArgument
-from seal.records import EditFormat, Job, JobSpec, from_dict
+from seal.records import Job, JobSpec, RecordError, from_dict
 from seal.validation import Limits, validate_job_spec
 
 
@@ -44,21 +44,7 @@ def parse_job_spec(data: Any) -> JobSpec:
     """A JobSpec from JSON (HTTP body, CLI file); missing settings take their defaults."""
     if not isinstance(data, dict):
         raise InvalidArgument("body", "must be a JSON object with a 'documents' list")
-    fmt = data.get("edit_format", EditFormat.IMPLICATIONS.value)
-    allowed = [f.value for f in EditFormat if f != EditFormat.PASSAGE]
-    if fmt not in allowed:
-        raise InvalidArgument("edit_format", f"must be one of {', '.join(allowed)}, got {fmt!r}")
-    if not isinstance(data.get("documents", []), list):
-        raise InvalidArgument("documents", "must be a list of {title, context, questions}")
-    for i, doc in enumerate(data.get("documents", [])):
-        if not isinstance(doc, dict) or not isinstance(doc.get("questions", []), list):
-            raise InvalidArgument(f"documents[{i}]", "must be an object {title, context, questions: [...]}")
-        for j, qa in enumerate(doc.get("questions", [])):
-            if not isinstance(qa, dict):
-                raise InvalidArgument(
-                    f"documents[{i}].questions[{j}]", "must be an object {question, answer}"
-                )
     try:
         return from_dict(JobSpec, data)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument("body", str(exc)) from None
+    except RecordError as exc:
+        raise InvalidArgument(exc.path or "body", exc.message) from None

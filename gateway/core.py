@@ -28,8 +28,15 @@ def expected_edits(spec: JobSpec) -> int:
 
 
 def best_self_edit(edits: list[EditResult]) -> str:
-    """The audited self-edit with the highest reward (the control never counts); ties go to the first."""
-    scored = [e for e in edits if e.verdict is not None and e.self_edit.format != EditFormat.PASSAGE]
+    """The audited self-edit with the highest reward whose guardrails all passed (a τ leak inflates
+    reward, so it must never win); the control never counts; ties go to the first."""
+    scored = [
+        e
+        for e in edits
+        if e.verdict is not None
+        and e.verdict.guardrails_passed()
+        and e.self_edit.format != EditFormat.PASSAGE
+    ]
     if not scored:
         return ""
     return max(scored, key=lambda e: (e.verdict.reward, -e.self_edit.index)).self_edit.id  # type: ignore[union-attr]

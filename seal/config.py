@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -66,8 +67,10 @@ class ServiceConfig:
         if self.kind not in SERVICE_KINDS:
             raise ValueError(f"kind must be one of {', '.join(SERVICE_KINDS)}, got {self.kind!r}")
         self.data_dir = Path(self.data_dir)
-        if self.visibility_timeout_s <= 0:
-            raise ValueError("visibility_timeout_s must be > 0")
+        if not math.isfinite(self.visibility_timeout_s) or self.visibility_timeout_s <= 0:
+            raise ValueError(
+                f"visibility_timeout_s must be a finite number > 0, got {self.visibility_timeout_s}"
+            )
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -175,6 +175,10 @@ class Verdict:
     auditor_key_id: str = ""
     signature: str = ""
 
+    def guardrails_passed(self) -> bool:
+        """Every guardrail check passed (checks read "name:pass" or "name:fail:detail")."""
+        return all(check.split(":", 2)[1] == "pass" for check in self.checks)
+
     def signing_payload(self) -> bytes:
         """The canonical bytes the signature covers: every field but the signature itself."""
         data = to_dict(self)
@@ -237,9 +241,18 @@ def to_dict(record: Any) -> Any:
     return record
 
 
+class RecordError(ValueError):
+    """Data that does not fit a record; `path` names where (e.g. "documents[0].questions")."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path or 'record'}: {message}")
+        self.path = path
+        self.message = message
+
+
 def from_dict(cls: type[T], data: Any) -> T:
-    """Build a record of type `cls` from `to_dict` output; unknown keys are an error."""
-    return _build(cls, data)
+    """Build a record of type `cls` from `to_dict` output; misfits raise RecordError naming the path."""
+    return _build(cls, data, "")
 
 
 def to_json(record: Any) -> str:
@@ -250,23 +263,37 @@ def from_json(cls: type[T], text: str | bytes) -> T:
     return from_dict(cls, json.loads(text))
 
 
-def _build(tp: Any, data: Any) -> Any:
+def _build(tp: Any, data: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if data is None else _build(args[0], data)
+        return None if data is None else _build(args[0], data, path)
     if origin is tuple:
+        if not isinstance(data, (list, tuple)):
+            raise RecordError(path, f"must be a list, got {type(data).__name__} {data!r}")
         (item,) = typing.get_args(tp)[:1]
-        return tuple(_build(item, x) for x in data)
+        return tuple(_build(item, x, f"{path}[{i}]") for i, x in enumerate(data))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(data)
+        try:
+            return tp(data)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in tp)
+            raise RecordError(path, f"must be one of {allowed}, got {data!r}") from None
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise RecordError(path, f"must be an object, got {type(data).__name__}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
-        unknown = set(data) - names
+        unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{tp.__name__}: unknown field(s) {sorted(unknown)}")
-        return tp(**{k: _build(hints[k], v) for k, v in data.items()})
+            raise RecordError(
+                path, f"{tp.__name__} has no field(s) {unknown}; its fields are {sorted(names)}"
+            )
+        prefix = f"{path}." if path else ""
+        try:
+            return tp(**{k: _build(hints[k], v, prefix + k) for k, v in data.items()})
+        except TypeError as exc:  # a required field is missing
+            raise RecordError(path, str(exc)) from None
     if tp is float and isinstance(data, int):
         return float(data)
     return data

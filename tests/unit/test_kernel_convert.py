@@ -28,10 +28,16 @@ from seal.records import (
 from seal.v1 import gateway_pb2, types_pb2
 
 PASSAGE = Passage(title="Velmora", context="The Zorbian council meets in Velmora every spring.")
-LORA = LoraSettings(rank=4, alpha=8.0, learning_rate=5e-4, epochs=2, target_modules=("q_proj", "v_proj"), seed=7)
+LORA = LoraSettings(
+    rank=4, alpha=8.0, learning_rate=5e-4, epochs=2, target_modules=("q_proj", "v_proj"), seed=7
+)
 SPEC = JobSpec(
     documents=(
-        Document(title="Velmora", context=PASSAGE.context, questions=(QA("Where?", "Velmora"), QA("When?", "spring"))),
+        Document(
+            title="Velmora",
+            context=PASSAGE.context,
+            questions=(QA("Where?", "Velmora"), QA("When?", "spring")),
+        ),
         Document(title="Second", context="Another context.", questions=(QA("What?", "this"),)),
     ),
     n_self_edits=2,
@@ -167,7 +173,9 @@ def test_empty_job_spec_message_gives_record_defaults():
 
 def test_partly_set_lora_keeps_defaults_for_unset_fields():
     """Only the fields a client set override the defaults."""
-    msg = gateway_pb2.JobSpec(lora=types_pb2.LoraSettings(rank=8), sampling=types_pb2.SamplingSettings(top_p=0.5))
+    msg = gateway_pb2.JobSpec(
+        lora=types_pb2.LoraSettings(rank=8), sampling=types_pb2.SamplingSettings(top_p=0.5)
+    )
     spec = from_pb(JobSpec, msg)
     assert spec.lora == dataclasses.replace(LoraSettings(), rank=8)
     assert spec.sampling == dataclasses.replace(SamplingSettings(), top_p=0.5)
@@ -181,7 +189,11 @@ def test_partly_set_lora_keeps_defaults_for_unset_fields():
         (gateway_pb2.JobSpec(lora=types_pb2.LoraSettings(rank=0)), ("lora", "rank"), 0),
         (gateway_pb2.JobSpec(lora=types_pb2.LoraSettings(epochs=0)), ("lora", "epochs"), 0),
         (gateway_pb2.JobSpec(lora=types_pb2.LoraSettings(alpha=0.0)), ("lora", "alpha"), 0.0),
-        (gateway_pb2.JobSpec(sampling=types_pb2.SamplingSettings(temperature=0.0)), ("sampling", "temperature"), 0.0),
+        (
+            gateway_pb2.JobSpec(sampling=types_pb2.SamplingSettings(temperature=0.0)),
+            ("sampling", "temperature"),
+            0.0,
+        ),
         (gateway_pb2.JobSpec(sampling=types_pb2.SamplingSettings(top_p=0.0)), ("sampling", "top_p"), 0.0),
         (gateway_pb2.JobSpec(n_self_edits=0), ("n_self_edits",), 0),
         (gateway_pb2.JobSpec(passage_control=False), ("passage_control",), False),
@@ -202,7 +214,9 @@ def test_explicit_zero_in_an_optional_field_survives(msg, path, value):
 
 def test_to_pb_sets_presence_for_every_optional_field_of_a_record():
     """A record always carries a value, so to_pb marks optional fields present (even zeros)."""
-    msg = to_pb(dataclasses.replace(SPEC, n_self_edits=0, lora=dataclasses.replace(LORA, seed=0)), gateway_pb2.JobSpec)
+    msg = to_pb(
+        dataclasses.replace(SPEC, n_self_edits=0, lora=dataclasses.replace(LORA, seed=0)), gateway_pb2.JobSpec
+    )
     assert msg.HasField("n_self_edits") and msg.n_self_edits == 0
     assert msg.HasField("passage_control") and msg.passage_control is False
     assert msg.lora.HasField("seed") and msg.lora.seed == 0
@@ -243,10 +257,34 @@ def test_every_job_state_maps_to_its_proto_value(state):
 @pytest.mark.parametrize(
     "enum_cls, wrapper, number, default, expected",
     [
-        (EditFormat, types_pb2.EditFormat, types_pb2.EDIT_FORMAT_UNSPECIFIED, EditFormat.IMPLICATIONS, EditFormat.IMPLICATIONS),
-        (EditFormat, types_pb2.EditFormat, types_pb2.EDIT_FORMAT_UNSPECIFIED, EditFormat.REWRITE, EditFormat.REWRITE),
-        (EditFormat, types_pb2.EditFormat, types_pb2.EDIT_FORMAT_SELF_QA, EditFormat.IMPLICATIONS, EditFormat.SELF_QA),
-        (EditFormat, types_pb2.EditFormat, types_pb2.EDIT_FORMAT_PASSAGE, EditFormat.IMPLICATIONS, EditFormat.PASSAGE),
+        (
+            EditFormat,
+            types_pb2.EditFormat,
+            types_pb2.EDIT_FORMAT_UNSPECIFIED,
+            EditFormat.IMPLICATIONS,
+            EditFormat.IMPLICATIONS,
+        ),
+        (
+            EditFormat,
+            types_pb2.EditFormat,
+            types_pb2.EDIT_FORMAT_UNSPECIFIED,
+            EditFormat.REWRITE,
+            EditFormat.REWRITE,
+        ),
+        (
+            EditFormat,
+            types_pb2.EditFormat,
+            types_pb2.EDIT_FORMAT_SELF_QA,
+            EditFormat.IMPLICATIONS,
+            EditFormat.SELF_QA,
+        ),
+        (
+            EditFormat,
+            types_pb2.EditFormat,
+            types_pb2.EDIT_FORMAT_PASSAGE,
+            EditFormat.IMPLICATIONS,
+            EditFormat.PASSAGE,
+        ),
         (JobState, gateway_pb2.JobState, gateway_pb2.JOB_STATE_UNSPECIFIED, JobState.QUEUED, JobState.QUEUED),
         (JobState, gateway_pb2.JobState, gateway_pb2.JOB_STATE_FAILED, JobState.QUEUED, JobState.FAILED),
     ],
@@ -266,7 +304,10 @@ def test_to_pb_writes_field_values_by_name():
     """Spot-check the message to_pb builds (not only that from_pb undoes it)."""
     msg = to_pb(SPEC, gateway_pb2.JobSpec)
     assert [d.title for d in msg.documents] == ["Velmora", "Second"]
-    assert [(q.question, q.answer) for q in msg.documents[0].questions] == [("Where?", "Velmora"), ("When?", "spring")]
+    assert [(q.question, q.answer) for q in msg.documents[0].questions] == [
+        ("Where?", "Velmora"),
+        ("When?", "spring"),
+    ]
     assert msg.edit_format == types_pb2.EDIT_FORMAT_REWRITE
     assert list(msg.lora.target_modules) == ["q_proj", "v_proj"]
     assert (msg.lora.rank, msg.lora.alpha, msg.lora.seed) == (4, 8.0, 7)

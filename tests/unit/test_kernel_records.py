@@ -35,7 +35,11 @@ PASSAGE = Passage(title="Velmora", context="The Zorbian council meets in Velmora
 LORA = LoraSettings(rank=4, alpha=8.0, learning_rate=5e-4, epochs=2, target_modules=("q_proj", "v_proj"))
 SPEC = JobSpec(
     documents=(
-        Document(title="Velmora", context=PASSAGE.context, questions=(QA("Where?", "Velmora"), QA("When?", "spring"))),
+        Document(
+            title="Velmora",
+            context=PASSAGE.context,
+            questions=(QA("Where?", "Velmora"), QA("When?", "spring")),
+        ),
         Document(title="Empty", context="No questions here."),
     ),
     n_self_edits=2,
@@ -71,10 +75,22 @@ ADAPTER = AdapterRef(
     student_address="student:50051",
 )
 SCORE = QuestionScore(
-    question="Where?", answer="Velmora", response="In Velmora.", exact_match=False, f1=0.5, contains=True, correct=True
+    question="Where?",
+    answer="Velmora",
+    response="In Velmora.",
+    exact_match=False,
+    f1=0.5,
+    contains=True,
+    correct=True,
 )
 MISS = QuestionScore(
-    question="When?", answer="spring", response="winter", exact_match=False, f1=0.0, contains=False, correct=False
+    question="When?",
+    answer="spring",
+    response="winter",
+    exact_match=False,
+    f1=0.0,
+    contains=False,
+    correct=False,
 )
 VERDICT = Verdict(
     job_id="job-1",

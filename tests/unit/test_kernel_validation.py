@@ -9,7 +9,14 @@ import pytest
 
 from seal.errors import InvalidArgument
 from seal.records import QA, Document, EditFormat, JobSpec, LoraSettings, SamplingSettings
-from seal.validation import Limits, check_range, validate_document, validate_job_spec, validate_lora, validate_sampling
+from seal.validation import (
+    Limits,
+    check_range,
+    validate_document,
+    validate_job_spec,
+    validate_lora,
+    validate_sampling,
+)
 
 MODEL = "smollm2-135m"
 LIMITS = Limits()
@@ -291,7 +298,9 @@ def test_max_documents_is_accepted():
 
 def test_n_self_edits_limit_comes_from_limits():
     """The deployment's max_self_edits bounds n_self_edits."""
-    _rejects(lambda: validate_job_spec(_spec(n_self_edits=3), Limits(max_self_edits=2), MODEL), "n_self_edits")
+    _rejects(
+        lambda: validate_job_spec(_spec(n_self_edits=3), Limits(max_self_edits=2), MODEL), "n_self_edits"
+    )
 
 
 def test_model_mismatch_message_names_both_models():
