@@ -7,7 +7,6 @@ It imports no protobuf.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from auditor.evaluation import anchor_accuracy, evaluate_document, load_adapter, unload_adapter
 from auditor.grading import accuracy, reward
 from auditor.guardrails import CheckResult, run_guardrails
-from seal.records import Document, QuestionScore, SelfEdit, Verdict
+from seal.records import Document, QuestionScore, SelfEdit, Verdict, file_sha256
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -95,11 +94,3 @@ def audit(
 def format_check(check: CheckResult) -> str:
     """A check as the verdict records it: "name:pass" or "name:fail:detail"."""
     return f"{check.name}:pass" if check.passed else f"{check.name}:fail:{check.detail}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -30,11 +30,11 @@ from seal.records import (
     to_dict,
     to_json,
 )
-from seal.runtime import connect_plane, consumer_name, load_base_model
+from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_document
-from seal.workplane import Task, Worker, WorkPlane
+from seal.workplane import Task, WorkPlane
 from student.client import fetch_adapter
 
 
@@ -156,16 +156,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         model, tokenizer, fingerprint, signer, config.data_dir / "adapters", metric=config.grading_metric
     )
     plane = connect_plane(config)
-    worker = Worker(
-        plane,
-        "audit",
-        "auditor",
-        consumer_name(config),
-        audit_handler(engine, plane),
-        audit_followups,
-        visibility_timeout_s=config.visibility_timeout_s,
-        max_attempts=config.max_attempts,
-    )
+    worker = make_worker(config, plane, "audit", audit_handler(engine, plane), audit_followups)
 
     def register(server: grpc.Server) -> list[str]:
         auditor_pb2_grpc.add_AuditorServicer_to_server(AuditorServicer(engine), server)

@@ -28,13 +28,17 @@ def expected_edits(spec: JobSpec) -> int:
 
 
 def best_self_edit(edits: list[EditResult]) -> str:
-    """The audited self-edit with the highest reward whose guardrails all passed (a τ leak inflates
-    reward, so it must never win); the control never counts; ties go to the first."""
+    """The audited self-edit with the highest reward; ties go to the first.
+
+    The control never counts, nor does a self-edit that leaked τ: its reward measures copying the
+    answers, not learning. Other guardrails (forgetting) gate promotion through `Verdict.passed`,
+    not the ranking.
+    """
     scored = [
         e
         for e in edits
         if e.verdict is not None
-        and e.verdict.guardrails_passed()
+        and "tau_leak" not in e.verdict.failed_checks()
         and e.self_edit.format != EditFormat.PASSAGE
     ]
     if not scored:

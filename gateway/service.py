@@ -14,11 +14,10 @@ from gateway.jobs import JobStore
 from seal import convert
 from seal.config import ServiceConfig
 from seal.records import Job, JobSpec
-from seal.runtime import connect_plane, consumer_name
+from seal.runtime import connect_plane, make_worker
 from seal.server import ServiceProcess
 from seal.v1 import gateway_pb2, gateway_pb2_grpc
 from seal.validation import Limits
-from seal.workplane import Worker
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -53,26 +52,9 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         max_context_chars=config.max_context_chars,
     )
     api = GatewayApi(store, limits, config.model)
-    consumer = consumer_name(config)
     workers = [
-        Worker(
-            plane,
-            "events",
-            "gateway",
-            consumer,
-            event_handler(store, keys),
-            visibility_timeout_s=config.visibility_timeout_s,
-            max_attempts=config.max_attempts,
-        ),
-        Worker(
-            plane,
-            "dead",
-            "gateway",
-            consumer,
-            dead_letter_handler(store),
-            visibility_timeout_s=config.visibility_timeout_s,
-            max_attempts=config.max_attempts,
-        ),
+        make_worker(config, plane, "events", event_handler(store, keys)),
+        make_worker(config, plane, "dead", dead_letter_handler(store)),
     ]
 
     def register(server: grpc.Server) -> list[str]:

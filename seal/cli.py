@@ -106,9 +106,7 @@ def render_table(job: Any) -> str:
     lines = []
     if job.error:
         lines.append(f"job {job.id} {job.state.value}: {job.error}")
-    header = (
-        f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'best self-edit':>15} {'reward':>7}"
-    )
+    header = f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'best self-edit':>15} {'reward':>7}  guardrails"
     lines += ["", header, "-" * len(header)]
     for doc in job.documents:
         control = next((e for e in doc.edits if e.self_edit.format.value == "passage" and e.verdict), None)
@@ -117,9 +115,15 @@ def render_table(job: Any) -> str:
             f"{doc.title[:32]:<32} {_pct(doc.baseline_accuracy):>14} "
             f"{_pct(control.verdict.adapted_accuracy if control else None):>13} "
             f"{_pct(best.verdict.adapted_accuracy if best else None):>15} "
-            f"{(f'{best.verdict.reward:+.2f}' if best else '-'):>7}"
+            f"{(f'{best.verdict.reward:+.2f}' if best else '-'):>7}  {_guardrails(best)}"
         )
     return "\n".join(lines)
+
+
+def _guardrails(edit: Any) -> str:
+    if edit is None:
+        return "-"
+    return ", ".join(f"{name} failed" for name in edit.verdict.failed_checks()) or "pass"
 
 
 def _pct(value: float | None) -> str:

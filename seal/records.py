@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,9 +176,11 @@ class Verdict:
     auditor_key_id: str = ""
     signature: str = ""
 
-    def guardrails_passed(self) -> bool:
-        """Every guardrail check passed (checks read "name:pass" or "name:fail:detail")."""
-        return all(check.split(":", 2)[1] == "pass" for check in self.checks)
+    def failed_checks(self) -> tuple[str, ...]:
+        """Names of the guardrail checks that failed (checks read "name:pass" or "name:fail:detail")."""
+        return tuple(
+            name for name, outcome, *_ in (c.split(":", 2) for c in self.checks) if outcome != "pass"
+        )
 
     def signing_payload(self) -> bytes:
         """The canonical bytes the signature covers: every field but the signature itself."""
@@ -228,6 +231,15 @@ class Job:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (adapters are content-addressed by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_dict(record: Any) -> Any:

@@ -12,7 +12,7 @@ import redis
 
 from seal.config import ServiceConfig
 from seal.models import load_model, model_fingerprint, resolve_model
-from seal.workplane import WorkPlane, wait_for_redis
+from seal.workplane import Followups, Handler, Worker, WorkPlane, wait_for_redis
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +43,19 @@ def load_base_model(config: ServiceConfig) -> tuple[Any, Any, Path, str]:
     model, tokenizer = load_model(model_dir, device=config.device, dtype=config.dtype)
     log.info("model loaded", extra={"model": config.model, "fingerprint": fingerprint[:16]})
     return model, tokenizer, model_dir, fingerprint
+
+
+def make_worker(
+    config: ServiceConfig, plane: WorkPlane, stream: str, handle: Handler, followups: Followups | None = None
+) -> Worker:
+    """This service's worker on `stream`, in the consumer group named after the service kind."""
+    return Worker(
+        plane,
+        stream,
+        group=config.kind,
+        consumer=consumer_name(config),
+        handle=handle,
+        followups=followups or (lambda payload, result: []),
+        visibility_timeout_s=config.visibility_timeout_s,
+        max_attempts=config.max_attempts,
+    )

@@ -209,7 +209,10 @@ class Worker:
     def _retry_later(self, msg_id: Any) -> None:
         # Make the message look idle for almost the whole visibility timeout, so any worker's next
         # XAUTOCLAIM retries it after `retry_backoff_s` instead of a full timeout.
-        idle_ms = max(0, int((self.visibility_timeout_s - self.retry_backoff_s) * 1000))
+        self._touch(msg_id, idle_ms=max(0, int((self.visibility_timeout_s - self.retry_backoff_s) * 1000)))
+
+    def _touch(self, msg_id: Any, idle_ms: int = 0) -> None:
+        """Keep `msg_id` claimed by this consumer and set how long it has looked idle (0: fresh)."""
         self.plane.redis.xclaim(
             self._stream_key,
             self.group,
@@ -231,14 +234,7 @@ class Worker:
         def beat() -> None:
             while not done.wait(self.visibility_timeout_s / 3):
                 try:
-                    self.plane.redis.xclaim(
-                        self._stream_key,
-                        self.group,
-                        self.consumer,
-                        min_idle_time=0,
-                        message_ids=[msg_id],
-                        justid=True,
-                    )
+                    self._touch(msg_id)
                 except redis.RedisError as exc:
                     log.warning("heartbeat failed", extra={"error": str(exc)})
 

@@ -10,7 +10,6 @@ adapter; a directory that already exists is kept, since equal names mean equal w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from seal.records import file_sha256
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -82,14 +83,6 @@ def write_adapter_chunks(
         if sha != expected_sha256:
             raise ValueError(f"adapter transfer is corrupt: expected sha256 {expected_sha256}, got {sha}")
         return _publish(staging, final)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _append_chunk(staging: Path, name: str, offset: int, data: bytes) -> None:

@@ -15,11 +15,11 @@ from seal import convert
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
 from seal.records import AdapterRef, SelfEdit, from_dict, to_dict
-from seal.runtime import connect_plane, consumer_name, load_base_model
+from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.v1 import student_pb2, student_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_lora, validate_passage
-from seal.workplane import Task, Worker
+from seal.workplane import Task
 from student.artifacts import adapter_path, iter_adapter_chunks
 from student.core import apply_self_edit
 
@@ -108,16 +108,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     engine = StudentEngine(model, tokenizer, config.model, fingerprint, config.data_dir / "adapters")
     engine.adapters_root.mkdir(parents=True, exist_ok=True)
     plane = connect_plane(config)
-    worker = Worker(
-        plane,
-        "apply",
-        "student",
-        consumer_name(config),
-        apply_handler(engine),
-        apply_followups,
-        visibility_timeout_s=config.visibility_timeout_s,
-        max_attempts=config.max_attempts,
-    )
+    worker = make_worker(config, plane, "apply", apply_handler(engine), apply_followups)
 
     def register(server: grpc.Server) -> list[str]:
         student_pb2_grpc.add_StudentServicer_to_server(StudentServicer(engine), server)

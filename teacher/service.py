@@ -12,11 +12,11 @@ from seal import convert
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument
 from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings, SelfEdit, from_dict, to_dict
-from seal.runtime import connect_plane, consumer_name, load_base_model
+from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
 from seal.validation import Limits, check_int_range, validate_lora, validate_passage, validate_sampling
-from seal.workplane import Task, Worker
+from seal.workplane import Task
 from teacher.backends import BACKENDS, Generator
 from teacher.core import passage_control, propose_self_edits
 
@@ -127,16 +127,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: build the teacher from config and start serving (returns once started)."""
     engine = TeacherEngine(build_generator(config), threading.Lock())
     plane = connect_plane(config)
-    worker = Worker(
-        plane,
-        "propose",
-        "teacher",
-        consumer_name(config),
-        propose_handler(engine),
-        propose_followups,
-        visibility_timeout_s=config.visibility_timeout_s,
-        max_attempts=config.max_attempts,
-    )
+    worker = make_worker(config, plane, "propose", propose_handler(engine), propose_followups)
 
     def register(server: grpc.Server) -> list[str]:
         teacher_pb2_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)

@@ -20,6 +20,7 @@ from gateway.client import GatewayClient
 from seal.config import SERVICE_KINDS
 from seal.records import JobState
 from seal.stack import LocalStack
+from tests.integration.waiting import wait_finished
 
 LONG_CONTEXT = " ".join(f"Gamma street number {i} has a blue door and a red roof." for i in range(60))
 
@@ -65,7 +66,7 @@ def test_task_of_a_killed_student_is_reclaimed_and_the_job_completes(
 
         stack.processes["student"] = stack._spawn("student")
         stack._wait_healthy("student", time.monotonic() + 60)
-        finished = _wait_finished(client, job.id, timeout_s=180)
+        finished = wait_finished(client, job.id, timeout_s=180)
         assert finished.state == JobState.SUCCEEDED, finished.error
         assert finished.progress.trained == finished.progress.audited == 1
         assert "reclaimed stuck task" in stack.log_path("student").read_text()
@@ -77,16 +78,6 @@ def _pending(r: redis.Redis, stream: str) -> int:
         return int(r.xpending(stream, "student")["pending"])
     except redis.ResponseError:  # the group does not exist yet
         return 0
-
-
-def _wait_finished(client: GatewayClient, job_id: str, timeout_s: float):  # noqa: ANN202
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(job_id)
-        if job.state in (JobState.SUCCEEDED, JobState.FAILED):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(job_id)
 
 
 def test_seal_demo_prints_the_table(tiny_model_dir: Path, redis_url: str, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from auditor.signing import verify_verdict
 from gateway.client import GatewayClient
-from seal.records import EditFormat, Job, JobState, from_dict, to_dict
+from seal.records import EditFormat, Job, JobState, file_sha256, from_dict, to_dict
 from seal.stack import LocalStack
 from seal.v1 import (
     auditor_pb2,
@@ -28,7 +28,7 @@ from seal.v1 import (
     student_pb2,
     student_pb2_grpc,
 )
-from student.artifacts import file_sha256
+from tests.integration.waiting import wait_finished
 
 SMALL_JOB = {
     "n_self_edits": 2,
@@ -75,16 +75,6 @@ def finished_job(client: GatewayClient) -> Job:
 
     job = client.submit(parse_job_spec(SMALL_JOB))
     return wait_finished(client, job.id)
-
-
-def wait_finished(client: GatewayClient, job_id: str, timeout_s: float = 240) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(job_id)
-        if job.state in (JobState.SUCCEEDED, JobState.FAILED):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} did not finish: {client.get(job_id).progress}")
 
 
 def test_job_completes_with_every_self_edit_trained_and_audited(finished_job: Job) -> None:

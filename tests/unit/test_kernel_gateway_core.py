@@ -446,3 +446,21 @@ def test_parsed_passage_keeps_questions_out():
     """The parsed document's passage (what teacher and student see) holds no τ."""
     spec = parse_job_spec({"documents": [DOC_JSON]})
     assert spec.documents[0].passage() == Passage(title="Velmora", context="The council meets in Velmora.")
+
+
+def test_a_verdict_that_failed_only_forgetting_still_ranks():
+    """Forgetting gates promotion (passed=False), not the ranking: its reward is a real gain on τ."""
+    forgetful = _edit(0, 0)
+    clean = _edit(0, 1)
+    edits = [
+        EditResult(
+            forgetful,
+            _adapter(forgetful),
+            dataclasses.replace(
+                _verdict(forgetful, 0.75, passed=False), checks=("tau_leak:pass", "forgetting:fail:x")
+            ),
+        ),
+        EditResult(clean, _adapter(clean), _verdict(clean, 0.25)),
+    ]
+    assert best_self_edit(edits) == forgetful.id
+    assert edits[0].verdict.failed_checks() == ("forgetting",)
