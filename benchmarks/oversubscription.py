@@ -40,14 +40,15 @@ def _train(threads: int, steps: int, queue: mp.Queue) -> None:
 
     from seal.models import DEFAULT_MODEL, load_model, resolve_model
     from seal.records import LoraSettings
-    from student.training import train_adapter
+    from student.training import release_adapter, train_adapter
 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(resolve_model(DEFAULT_MODEL))
     text = "The Zorbian calendar was devised by the astronomer Pell Andrik in the city of Quorvane."
     lora = LoraSettings(epochs=steps)
-    train_adapter(model, tokenizer, [text], LoraSettings(epochs=2))  # warm-up: first steps are slow
+    warm, _ = train_adapter(model, tokenizer, [text], LoraSettings(epochs=2))  # first steps are slow
+    release_adapter(warm)
     started = time.perf_counter()
     _, stats = train_adapter(model, tokenizer, [text], lora)
     queue.put(

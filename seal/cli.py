@@ -14,6 +14,7 @@ from typing import Any
 
 from seal.config import SERVICE_KINDS, add_config_flags, load_config
 
+DEFAULT_GATEWAY = "127.0.0.1:50051"
 # kind -> module with serve(config); imported only for the service being started.
 SERVICE_MODULES = {kind: f"{kind}.service" for kind in SERVICE_KINDS}
 
@@ -37,7 +38,12 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or os.environ.get("SEAL_REDIS_URL", "")
     print("starting redis (embedded unless REDIS_URL is set) and the four services…", flush=True)
     return LocalStack(
-        model=args.model, data_dir=Path(args.data_dir), redis_url=redis_url, threads=args.threads
+        gateway_listen=args.gateway_listen,
+        http_listen=args.http_listen,
+        model=args.model,
+        data_dir=Path(args.data_dir),
+        redis_url=redis_url,
+        threads=args.threads,
     ).start()
 
 
@@ -181,19 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--redis-url", default="", help="use this Redis instead of an embedded one")
         p.add_argument("--threads", type=int, default=0, help="torch threads per model service")
         p.set_defaults(func=func)
+        # `seal up` serves on known ports (for `seal submit`); the demo takes free ones.
+        p.add_argument(
+            "--gateway-listen",
+            default=DEFAULT_GATEWAY if name == "up" else "",
+            help="gateway gRPC address (empty: a free port)",
+        )
+        p.add_argument(
+            "--http-listen",
+            default="127.0.0.1:8080" if name == "up" else "",
+            help="gateway HTTP/JSON address (empty: a free port)",
+        )
         if name == "demo":
             p.add_argument("--file", help="a job JSON instead of the bundled example")
             p.add_argument("--gateway", help="use a running gateway (host:port) instead of a local stack")
 
     submit = sub.add_parser("submit", help="submit a job JSON to a gateway")
     submit.add_argument("file")
-    submit.add_argument("--gateway", default="127.0.0.1:50051")
+    submit.add_argument("--gateway", default=DEFAULT_GATEWAY)
     submit.add_argument("--watch", action="store_true")
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="show a job")
     status.add_argument("job_id")
-    status.add_argument("--gateway", default="127.0.0.1:50051")
+    status.add_argument("--gateway", default=DEFAULT_GATEWAY)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 

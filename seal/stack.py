@@ -33,6 +33,10 @@ class LocalStack:
     redis_url: str = ""
     namespace: str = "seal"
     threads: int = 0
+    gateway_listen: str = ""
+    """Fixed gateway gRPC address (host:port); empty picks a free port, as for the other services."""
+    http_listen: str = ""
+    """Fixed gateway HTTP address; empty picks a free port."""
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_flags: dict[str, list[str]] = field(default_factory=dict)
 
@@ -49,7 +53,8 @@ class LocalStack:
             self._redis = start_redis()
             self.redis_url = self._redis.url
         self.addresses = {kind: f"127.0.0.1:{free_port()}" for kind in SERVICE_KINDS}
-        self.http_address = f"127.0.0.1:{free_port()}"
+        self.addresses["gateway"] = self.gateway_listen or self.addresses["gateway"]
+        self.http_address = self.http_listen or f"127.0.0.1:{free_port()}"
         try:
             for kind in SERVICE_KINDS:
                 self.processes[kind] = self._spawn(kind)

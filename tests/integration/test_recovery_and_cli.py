@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.api import parse_job_spec
 from gateway.client import GatewayClient
 from seal.config import SERVICE_KINDS
+from seal.embedded_redis import free_port
 from seal.records import JobState
 from seal.stack import LocalStack
 from tests.integration.waiting import wait_finished
@@ -122,7 +123,20 @@ def test_seal_demo_prints_the_table(tiny_model_dir: Path, redis_url: str, tmp_pa
 def test_seal_up_serves_until_interrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
     """With no Redis given, `seal up` starts an embedded one; Ctrl-C stops every child."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "seal.cli", "up", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "seal.cli",
+            "up",
+            "--model",
+            str(tiny_model_dir),
+            "--data-dir",
+            str(tmp_path),
+            "--gateway-listen",
+            f"127.0.0.1:{free_port()}",
+            "--http-listen",
+            f"127.0.0.1:{free_port()}",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
