@@ -60,7 +60,8 @@ def run(threads: int, steps: int) -> dict:
     ctx = mp.get_context("spawn")
     stop, queue = ctx.Event(), ctx.Queue()
     readies = [ctx.Event() for _ in range(2)]
-    busy = [ctx.Process(target=_busy_generator, args=(threads, stop, r)) for r in readies]
+    # daemon: the load generators die with this process, whatever happens to it
+    busy = [ctx.Process(target=_busy_generator, args=(threads, stop, r), daemon=True) for r in readies]
     for p in busy:
         p.start()
     for r in readies:

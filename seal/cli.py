@@ -221,11 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except (ValueError, FileNotFoundError) as exc:  # bad configuration: say what to fix, no traceback
+        parser.exit(2, f"seal: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -156,3 +156,20 @@ def test_seal_up_serves_until_interrupted(tiny_model_dir: Path, tmp_path: Path) 
         assert proc.wait(timeout=60) == 0
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(addresses["redis"], socket_connect_timeout=1).ping()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "student", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["serve", "student", "--listen", "nowhere"], "address must be host:port"),
+        (["serve", "auditor", "--visibility-timeout-s", "soon"], "visibility_timeout_s must be a number"),
+    ],
+)
+def test_bad_service_configuration_is_a_one_line_error(args: list[str], says: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "seal.cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
