@@ -12,6 +12,7 @@ from typing import Any
 
 from auditor.grading import accuracy, grade_answer
 from auditor.guardrails import ANCHOR_SET
+from seal.models import render_prompt
 from seal.records import QA, Document, QuestionScore
 
 
@@ -29,18 +30,11 @@ def answer_questions(
     use_chat_template: bool = True,
 ) -> list[str]:
     """Greedy answers to `prompts`, in order; batching does not change them (left padding)."""
-    texts = [_render(tokenizer, p, use_chat_template) for p in prompts]
+    texts = [render_prompt(tokenizer, p, use_chat_template) for p in prompts]
     answers: list[str] = []
     for start in range(0, len(texts), batch_size):
         answers.extend(_generate_batch(model, tokenizer, texts[start : start + batch_size], max_new_tokens))
     return answers
-
-
-def _render(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
-    if use_chat_template and tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return prompt
 
 
 def _generate_batch(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[str]:

@@ -144,6 +144,14 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: str = "float32") -> 
     return model, tokenizer
 
 
+def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -> str:
+    """The text the model sees: the prompt as one user turn of the chat template, or raw."""
+    if use_chat_template and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return prompt
+
+
 # --- tiny random models for tests ------------------------------------------------------------------
 
 _TINY_CORPUS = (

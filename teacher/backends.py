@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from seal.models import render_prompt
 from seal.records import SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,6 @@ class Generator(Protocol):
 
 class GenerationError(RuntimeError):
     """A backend could not produce completions (bad request, server down, malformed reply)."""
-
-
-def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
-    """The text the model sees: the prompt as one user turn of the chat template, or raw."""
-    if use_chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
 
 
 def _check_n(n: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from seal.models import build_tiny_model
+from seal.models import build_tiny_model, render_prompt
 from seal.records import SamplingSettings
 from teacher.backends import (
     BACKENDS,
@@ -21,7 +21,6 @@ from teacher.backends import (
     VLLMGenerator,
     chat_completion_body,
     completion_texts,
-    render_prompt,
 )
 
 SAMPLING = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=0)
