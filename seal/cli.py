@@ -123,7 +123,29 @@ def render_table(job: Any) -> str:
             f"{_pct(best.verdict.adapted_accuracy if best else None):>15} "
             f"{(f'{best.verdict.reward:+.2f}' if best else '-'):>7}  {_guardrails(best)}"
         )
+    lines += ["", *render_summary(job)]
     return "\n".join(lines)
+
+
+def render_summary(job: Any) -> list[str]:
+    """Mean seconds per stage and how often each guardrail failed, over every audited adapter."""
+    edits = [e for doc in job.documents for e in doc.edits if e.verdict is not None]
+    if not edits:
+        return []
+    sampled = [e.self_edit.generation_seconds for e in edits if e.self_edit.index >= 0]
+    failures = {
+        name: sum(name in e.verdict.failed_checks() for e in edits) for name in ("tau_leak", "forgetting")
+    }
+    return [
+        f"per self-edit: generation {_mean(sampled):.1f} s, "
+        f"training {_mean([e.adapter.train_seconds for e in edits]):.1f} s, "
+        f"evaluation {_mean([e.verdict.eval_seconds for e in edits]):.1f} s (means over {len(edits)} adapters)",
+        "guardrail failures: " + ", ".join(f"{name} {n}/{len(edits)}" for name, n in failures.items()),
+    ]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def _guardrails(edit: Any) -> str:

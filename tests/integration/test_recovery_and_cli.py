@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def _pending(r: redis.Redis, stream: str) -> int:
         return 0
 
 
-def test_seal_demo_prints_the_table(tiny_model_dir: Path, redis_url: str, tmp_path: Path) -> None:
+def test_seal_demo_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> None:
     job = {
         "n_self_edits": 1,
         "lora": {"epochs": 1, "rank": 4},
@@ -107,9 +108,9 @@ def test_seal_demo_prints_the_table(tiny_model_dir: Path, redis_url: str, tmp_pa
             str(tmp_path / "job.json"),
             "--data-dir",
             str(tmp_path / "data"),
-            "--redis-url",
-            redis_url,
         ],
+        # no Redis given: the demo starts an embedded one, and keeps out of any shared Redis
+        env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SEAL_REDIS_URL")},
         capture_output=True,
         text=True,
         timeout=300,
@@ -118,6 +119,7 @@ def test_seal_demo_prints_the_table(tiny_model_dir: Path, redis_url: str, tmp_pa
     assert "no adaptation" in result.stdout and "best self-edit" in result.stdout
     assert "Delta" in result.stdout
     assert "peak resident memory: teacher" in result.stdout
+    assert "guardrail failures: tau_leak 0/2, forgetting" in result.stdout
 
 
 def test_seal_up_serves_until_interrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
