@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-import types
 import typing
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
+
+from seal.records import field_types, optional_inner
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -29,7 +30,7 @@ def to_pb(record: Any, pb_cls: type[M]) -> M:
 
 
 def from_pb(cls: type[T], msg: Message) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         fd = msg.DESCRIPTOR.fields_by_name.get(f.name)
@@ -39,7 +40,7 @@ def from_pb(cls: type[T], msg: Message) -> T:
         if not _is_set(msg, fd):
             if has_default:
                 continue
-            if _is_optional(hints[f.name]):
+            if optional_inner(hints[f.name]) is not None:
                 kwargs[f.name] = None
                 continue
         value = _from_value(hints[f.name], fd, getattr(msg, f.name))
@@ -67,18 +68,8 @@ def _enum_prefix(enum_cls: type[enum.Enum]) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_cls.__name__).upper() + "_"
 
 
-def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
-
-
 def _from_value(tp: Any, fd: Any, value: Any) -> Any:
-    tp = _unwrap_optional(tp)
+    tp = optional_inner(tp) or tp
     if _is_repeated(fd):
         (item_tp,) = typing.get_args(tp)[:1]
         return tuple(_from_scalar_or_message(item_tp, fd, v) for v in value)
@@ -89,9 +80,7 @@ def _from_scalar_or_message(tp: Any, fd: Any, value: Any) -> Any:
     if fd.message_type is not None:
         return from_pb(tp, value)
     if fd.enum_type is not None:
-        name = fd.enum_type.values_by_number[value].name
-        member = name.removeprefix(_enum_prefix(tp))
-        return _DEFAULT if member == "UNSPECIFIED" else tp[member]
+        return _enum_member(tp, fd.enum_type.values_by_number[value].name, _DEFAULT)
     return value
 
 
@@ -123,5 +112,9 @@ def _to_scalar(fd: Any, value: Any) -> Any:
 
 def enum_from_pb(enum_cls: type[E], wrapper: Any, number: int, default: E) -> E:
     """A proto enum number (e.g. EDIT_FORMAT_REWRITE) as its domain enum; UNSPECIFIED gives `default`."""
-    member = wrapper.Name(number).removeprefix(_enum_prefix(enum_cls))
+    return _enum_member(enum_cls, wrapper.Name(number), default)
+
+
+def _enum_member(enum_cls: type[enum.Enum], proto_name: str, default: Any) -> Any:
+    member = proto_name.removeprefix(_enum_prefix(enum_cls))
     return default if member == "UNSPECIFIED" else enum_cls[member]

@@ -275,12 +275,28 @@ def from_json(cls: type[T], text: str | bytes) -> T:
     return from_dict(cls, json.loads(text))
 
 
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """A record's resolved field types. Cached: decoding a job touches every record type many times."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+def optional_inner(tp: Any) -> Any | None:
+    """X for `X | None`, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return None
+
+
 def _build(tp: Any, data: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if data is None else _build(args[0], data, path)
-    if origin is tuple:
+    inner = optional_inner(tp)
+    if inner is not None:
+        return None if data is None else _build(inner, data, path)
+    if typing.get_origin(tp) is tuple:
         if not isinstance(data, (list, tuple)):
             raise RecordError(path, f"must be a list, got {type(data).__name__} {data!r}")
         (item,) = typing.get_args(tp)[:1]
@@ -294,7 +310,7 @@ def _build(tp: Any, data: Any, path: str) -> Any:
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise RecordError(path, f"must be an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(tp)
+        hints = field_types(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         unknown = sorted(set(data) - names)
         if unknown:
