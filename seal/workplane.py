@@ -140,7 +140,7 @@ class Worker:
         while not stop.is_set():
             try:
                 self.poll_once(block_ms)
-            except redis.ConnectionError as exc:
+            except redis.RedisError as exc:
                 log.warning("redis unavailable, retrying", extra={"error": str(exc)})
                 stop.wait(1.0)
         log.info("worker stopped", extra={"stream": self.stream, "consumer": self.consumer})
@@ -169,42 +169,48 @@ class Worker:
         )
         claimed = [(mid, f) for mid, f in reply[1] if f]  # entries deleted meanwhile come back empty
         for mid, _ in claimed:
-            log.info("reclaimed stuck task", extra={"stream": self.stream, "message_id": _s(mid)})
+            log.info("reclaimed stuck task", extra={"stream": self.stream, "message_id": mid.decode()})
         return claimed
 
-    def _process(self, msg_id: Any, fields: dict[Any, Any]) -> None:
-        task_id = _s(fields[b"task_id"] if b"task_id" in fields else fields["task_id"])
-        raw = fields[b"payload"] if b"payload" in fields else fields["payload"]
-        payload = json.loads(raw)
-        result = self.plane.result(self.stream, task_id)
-        if result is None:
-            result = self._compute(msg_id, task_id, payload)
+    def _process(self, msg_id: Any, fields: dict[bytes, bytes]) -> None:
+        task_id = fields.get(b"task_id", b"").decode()
+        # Counted before the work, so a task that crashes its worker every time still runs out of tries.
+        attempts = int(self.plane.redis.incr(self._attempts_key(task_id)))
+        self.plane.redis.expire(self._attempts_key(task_id), RESULT_TTL_S)
+        payload: dict[str, Any] = {}
+        if attempts > self.max_attempts:  # every earlier delivery died with its worker
+            reason = f"gave up after {attempts - 1} deliveries whose workers died mid-task"
+            self.plane.dead_letter(self.stream, task_id, _loads_or_empty(fields), reason, attempts - 1)
+            self.plane.redis.xack(self._stream_key, self.group, msg_id)
+            return
+        try:
+            payload = json.loads(fields[b"payload"])
+            result = self.plane.result(self.stream, task_id)
             if result is None:
-                return  # failed: left pending for a retry, or dead-lettered
-            self.plane.store_result(self.stream, task_id, result)
-        for task in self.followups(payload, result):
-            self.plane.enqueue(task)
+                with self._heartbeat(msg_id):
+                    result = self.handle(payload)
+                self.plane.store_result(self.stream, task_id, result)
+            for task in self.followups(payload, result):
+                self.plane.enqueue(task)
+        except redis.ConnectionError:
+            raise  # Redis is gone: the task stays pending and is retried once it is back
+        except Exception as exc:  # noqa: BLE001 - a failed task is recorded, never fatal to the worker
+            self._fail(msg_id, task_id, payload, exc, attempts)
+            return
         self.plane.redis.xack(self._stream_key, self.group, msg_id)
         self.plane.redis.delete(self._attempts_key(task_id))
 
-    def _compute(self, msg_id: Any, task_id: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        attempts = int(self.plane.redis.incr(self._attempts_key(task_id)))
-        self.plane.redis.expire(self._attempts_key(task_id), RESULT_TTL_S)
-        try:
-            with self._heartbeat(msg_id):
-                return self.handle(payload)
-        except Exception as exc:  # noqa: BLE001 - any failure of a task is recorded, not fatal to the worker
-            permanent = isinstance(exc, PermanentError)
-            reason = f"{type(exc).__name__}: {exc}"
-            log.exception(
-                "task failed", extra={"stream": self.stream, "task_id": task_id, "attempt": attempts}
-            )
-            if permanent or attempts >= self.max_attempts:
-                self.plane.dead_letter(self.stream, task_id, payload, reason, attempts)
-                self.plane.redis.xack(self._stream_key, self.group, msg_id)
-            else:
-                self._retry_later(msg_id)
-            return None
+    def _fail(
+        self, msg_id: Any, task_id: str, payload: dict[str, Any], exc: Exception, attempts: int
+    ) -> None:
+        """Retry after a short backoff, or dead-letter: at the last attempt, or at once if it can never work."""
+        log.exception("task failed", extra={"stream": self.stream, "task_id": task_id, "attempt": attempts})
+        unreadable = isinstance(exc, (KeyError, json.JSONDecodeError)) and not payload
+        if isinstance(exc, PermanentError) or unreadable or attempts >= self.max_attempts:
+            self.plane.dead_letter(self.stream, task_id, payload, f"{type(exc).__name__}: {exc}", attempts)
+            self.plane.redis.xack(self._stream_key, self.group, msg_id)
+        else:
+            self._retry_later(msg_id)
 
     def _retry_later(self, msg_id: Any) -> None:
         # Make the message look idle for almost the whole visibility timeout, so any worker's next
@@ -247,8 +253,11 @@ class Worker:
             thread.join()
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _loads_or_empty(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    try:
+        return dict(json.loads(fields[b"payload"]))
+    except (KeyError, ValueError, TypeError):
+        return {}
 
 
 def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:

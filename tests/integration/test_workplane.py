@@ -133,3 +133,90 @@ def test_permanent_error_goes_straight_to_dead_letters(plane) -> None:
     (entry,) = plane.redis.xrange(plane.stream_key("dead"))
     assert b"document 3 has no questions" in entry[1][b"payload"]
     assert plane.pending_count("audit", "auditor") == 0
+
+
+def test_unreadable_task_is_dead_lettered_and_the_worker_goes_on(plane) -> None:
+    plane.ensure_group("apply", "student")
+    plane.redis.xadd(plane.stream_key("apply"), {"task_id": "bad", "payload": "{not json"})
+    plane.enqueue(Task("apply", "good", {"x": 1}))
+    worker = Worker(plane, "apply", "student", "w1", lambda p: {"ok": p["x"]})
+    assert worker.poll_once(block_ms=100) == 1
+    assert worker.poll_once(block_ms=100) == 1
+    (entry,) = plane.redis.xrange(plane.stream_key("dead"))
+    assert b"JSONDecodeError" in entry[1][b"payload"]
+    assert plane.result("apply", "good") == {"ok": 1}
+    assert plane.pending_count("apply", "student") == 0
+
+
+def test_failing_followups_are_retried_like_the_task_itself(plane) -> None:
+    calls = []
+
+    def broken_followups(payload: dict, result: dict) -> list[Task]:
+        calls.append(1)
+        raise KeyError("self_edit")
+
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    worker = Worker(
+        plane,
+        "apply",
+        "student",
+        "w1",
+        lambda p: {"ok": 1},
+        broken_followups,
+        visibility_timeout_s=0.5,
+        max_attempts=2,
+        retry_backoff_s=0.1,
+    )
+    worker.poll_once(block_ms=100)
+    time.sleep(0.2)
+    worker.poll_once(block_ms=100)
+    assert len(calls) == 2
+    assert plane.redis.xlen(plane.stream_key("dead")) == 1
+    assert plane.pending_count("apply", "student") == 0
+
+
+def test_a_task_that_kills_its_workers_runs_out_of_attempts(plane) -> None:
+    """Attempts count deliveries, so a task that crashes every worker that takes it cannot loop forever."""
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    plane.ensure_group("apply", "student")
+    ran = []
+    worker = Worker(
+        plane,
+        "apply",
+        "student",
+        "w",
+        lambda p: ran.append(p) or {"ok": 1},
+        visibility_timeout_s=0.2,
+        max_attempts=2,
+    )
+    for crashed in range(2):  # a worker takes it and dies (counts its attempt, never acks)
+        worker.consumer = f"doomed-{crashed}"
+        time.sleep(0.25)
+        messages = (
+            worker.reclaim_stuck_tasks()
+            or plane.redis.xreadgroup("student", worker.consumer, {plane.stream_key("apply"): ">"}, count=1)[
+                0
+            ][1]
+        )
+        assert messages
+        plane.redis.incr(plane.key("attempts", "apply", "t1"))
+    worker.consumer = "survivor"
+    time.sleep(0.25)
+    assert worker.poll_once(block_ms=50) == 1
+    assert ran == []  # not run a third time
+    (entry,) = plane.redis.xrange(plane.stream_key("dead"))
+    assert b"gave up after 2 deliveries" in entry[1][b"payload"]
+    assert plane.pending_count("apply", "student") == 0
+
+
+def test_a_task_redelivered_once_after_a_crash_still_runs(plane) -> None:
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    plane.ensure_group("apply", "student")
+    plane.redis.xreadgroup("student", "doomed", {plane.stream_key("apply"): ">"}, count=1)
+    plane.redis.incr(plane.key("attempts", "apply", "t1"))
+    time.sleep(0.25)
+    worker = Worker(
+        plane, "apply", "student", "w2", lambda p: {"ok": 1}, visibility_timeout_s=0.2, max_attempts=2
+    )
+    assert worker.poll_once(block_ms=50) == 1
+    assert plane.result("apply", "t1") == {"ok": 1}
