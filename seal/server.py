@@ -79,6 +79,8 @@ class ServiceProcess:
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)
     max_rpc_threads: int = 8
+    on_bound: Callable[[int], None] | None = None
+    """Called with the bound port before any worker starts (a worker may need its own address)."""
 
     def start(self) -> int:
         self.server = grpc.server(
@@ -96,6 +98,8 @@ class ServiceProcess:
         self.port = self.server.add_insecure_port(self.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.listen}")
+        if self.on_bound is not None:
+            self.on_bound(self.port)
         self.server.start()
         self.threads = [
             threading.Thread(target=w.run, args=(self.stop_event,), name=f"worker-{w.stream}", daemon=True)

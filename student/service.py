@@ -114,7 +114,10 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         student_pb2_grpc.add_StudentServicer_to_server(StudentServicer(engine), server)
         return [student_pb2.DESCRIPTOR.services_by_name["Student"].full_name]
 
-    process = ServiceProcess("student", config.listen, register, [worker])
-    port = process.start()
-    engine.address = config.advertised(port)  # adapters name the address they can be fetched from
+    def advertise(port: int) -> None:
+        # Adapters name the address they can be fetched from: set it before the worker trains any.
+        engine.address = config.advertised(port)
+
+    process = ServiceProcess("student", config.listen, register, [worker], on_bound=advertise)
+    process.start()
     return process

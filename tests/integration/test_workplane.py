@@ -220,3 +220,27 @@ def test_a_task_redelivered_once_after_a_crash_still_runs(plane) -> None:
     )
     assert worker.poll_once(block_ms=50) == 1
     assert plane.result("apply", "t1") == {"ok": 1}
+
+
+def test_on_bound_runs_before_workers_take_queued_tasks(plane) -> None:
+    """A student that starts with tasks already queued must name its address in the first adapter."""
+    from seal.server import ServiceProcess
+
+    seen: dict[str, str] = {}
+    plane.enqueue(Task("apply", "queued-before-start", {}))
+    worker = Worker(plane, "apply", "student", "w1", lambda p: {"address": seen.get("address", "")})
+    process = ServiceProcess(
+        "student",
+        "127.0.0.1:0",
+        lambda server: [],
+        [worker],
+        on_bound=lambda port: seen.update(address=f"127.0.0.1:{port}"),
+    )
+    process.start()
+    try:
+        deadline = time.monotonic() + 10
+        while plane.result("apply", "queued-before-start") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert plane.result("apply", "queued-before-start") == {"address": f"127.0.0.1:{process.port}"}
+    finally:
+        process.drain(grace_s=1)
