@@ -45,6 +45,7 @@ class AuditorEngine:
     base_fingerprint: str
     signer: VerdictSigner
     adapters_root: Path
+    limits: Limits
     metric: str = "contains"
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Baseline answers depend only on the base model and the document: compute them once.
@@ -52,7 +53,7 @@ class AuditorEngine:
     _anchor_before: float | None = None
 
     def audit(self, doc: Document, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
-        validate_document(doc, Limits(), "document")
+        validate_document(doc, self.limits, "document")
         if adapter.base_fingerprint != self.base_fingerprint:
             raise InvalidArgument(
                 "adapter.base_fingerprint",
@@ -153,7 +154,13 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     model, tokenizer, _, fingerprint = load_base_model(config)
     signer = VerdictSigner.load_or_create(config.data_dir / "auditor-ed25519.key")
     engine = AuditorEngine(
-        model, tokenizer, fingerprint, signer, config.data_dir / "adapters", metric=config.grading_metric
+        model,
+        tokenizer,
+        fingerprint,
+        signer,
+        config.data_dir / "adapters",
+        config.limits(),
+        metric=config.grading_metric,
     )
     plane = connect_plane(config)
     worker = make_worker(config, plane, "audit", audit_handler(engine, plane), audit_followups)

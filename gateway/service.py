@@ -17,7 +17,6 @@ from seal.records import Job, JobSpec
 from seal.runtime import connect_plane, make_worker
 from seal.server import ServiceProcess
 from seal.v1 import gateway_pb2, gateway_pb2_grpc
-from seal.validation import Limits
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -46,12 +45,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     plane = connect_plane(config)
     store = JobStore(plane)
     keys = SigningKeys(auditor_key_fetcher(config.auditor_address))
-    limits = Limits(
-        max_documents=config.max_documents,
-        max_self_edits=config.max_self_edits,
-        max_context_chars=config.max_context_chars,
-    )
-    api = GatewayApi(store, limits, config.model)
+    api = GatewayApi(store, config.limits(), config.model)
     workers = [
         make_worker(config, plane, "events", event_handler(store, keys)),
         make_worker(config, plane, "dead", dead_letter_handler(store)),

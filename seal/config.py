@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from seal.models import DEFAULT_MODEL
+from seal.validation import Limits
 
 SERVICE_KINDS = ("teacher", "student", "auditor", "gateway")
 
@@ -57,11 +58,11 @@ class ServiceConfig:
     max_attempts: int = 3
     """Deliveries of one task before it goes to the dead-letter stream."""
     max_documents: int = 32
-    """Gateway: most documents per job."""
+    """Most documents per job."""
     max_self_edits: int = 16
-    """Gateway: most self-edits per document (N)."""
+    """Most self-edits per document (N)."""
     max_context_chars: int = 8000
-    """Gateway: longest context accepted."""
+    """Longest context accepted. Every service checks these limits; give all of them the same."""
 
     def __post_init__(self) -> None:
         if self.kind not in SERVICE_KINDS:
@@ -76,6 +77,13 @@ class ServiceConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         _split_address(self.listen)
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_documents=self.max_documents,
+            max_self_edits=self.max_self_edits,
+            max_context_chars=self.max_context_chars,
+        )
 
     def advertised(self, bound_port: int) -> str:
         """The address peers should dial, given the port the server actually bound."""

@@ -49,7 +49,12 @@ class LocalStack:
         """Start Redis if needed and every service; return once all answer their health check."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
-        if not self.redis_url or not redis_answers(self.redis_url):
+        if self.redis_url and not redis_answers(self.redis_url):
+            raise ConnectionError(
+                f"the Redis at {self.redis_url} does not answer; start it, or leave it unset "
+                "for an embedded one"
+            )
+        if not self.redis_url:
             self._redis = start_redis()
             self.redis_url = self._redis.url
         self.addresses = {kind: f"127.0.0.1:{free_port()}" for kind in SERVICE_KINDS}

@@ -33,11 +33,12 @@ class StudentEngine:
     base_model_name: str
     base_fingerprint: str
     adapters_root: Path
+    limits: Limits
     address: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def apply(self, self_edit: SelfEdit, on_step: Callable[[int, float], None] | None = None) -> AdapterRef:
-        validate_passage(self_edit.passage.title, self_edit.passage.context, Limits(), "self_edit.passage")
+        validate_passage(self_edit.passage.title, self_edit.passage.context, self.limits, "self_edit.passage")
         validate_lora(self_edit.lora, "self_edit.lora")
         with self.lock:
             return apply_self_edit(
@@ -105,7 +106,9 @@ def apply_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Tas
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: load the base model, start the gRPC server and the seal:apply worker."""
     model, tokenizer, _, fingerprint = load_base_model(config)
-    engine = StudentEngine(model, tokenizer, config.model, fingerprint, config.data_dir / "adapters")
+    engine = StudentEngine(
+        model, tokenizer, config.model, fingerprint, config.data_dir / "adapters", config.limits()
+    )
     engine.adapters_root.mkdir(parents=True, exist_ok=True)
     plane = connect_plane(config)
     worker = make_worker(config, plane, "apply", apply_handler(engine), apply_followups)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,7 +26,8 @@ class TeacherEngine:
     """The generator plus a lock: RPCs and the worker share one model."""
 
     generator: Generator
-    lock: threading.Lock
+    limits: Limits
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def propose(
         self,
@@ -39,8 +40,8 @@ class TeacherEngine:
         doc_index: int,
         with_control: bool = False,
     ) -> list[SelfEdit]:
-        validate_passage(passage.title, passage.context, Limits(), "passage")
-        check_int_range("n", n, 1, 64)
+        validate_passage(passage.title, passage.context, self.limits, "passage")
+        check_int_range("n", n, 1, self.limits.max_self_edits)
         if fmt == EditFormat.PASSAGE:
             raise InvalidArgument("format", "must be implications, rewrite or self_qa")
         validate_lora(lora)
@@ -125,7 +126,7 @@ def build_generator(config: ServiceConfig) -> Generator:
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: build the teacher from config and start serving (returns once started)."""
-    engine = TeacherEngine(build_generator(config), threading.Lock())
+    engine = TeacherEngine(build_generator(config), config.limits())
     plane = connect_plane(config)
     worker = make_worker(config, plane, "propose", propose_handler(engine), propose_followups)
 

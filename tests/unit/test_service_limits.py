@@ -1,0 +1,40 @@
+"""Every service checks requests against the limits of its own configuration, not hard-coded ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seal.config import load_config
+from seal.errors import InvalidArgument
+from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings
+from seal.stack import LocalStack
+from teacher.backends import TransformersGenerator
+from teacher.service import TeacherEngine
+
+LONG = Passage("Long", "word " * 1800)  # 9000 characters: over the default limit of 8000
+
+
+def _propose(engine: TeacherEngine, passage: Passage, n: int) -> list:
+    sampling = SamplingSettings(max_new_tokens=4)
+    return engine.propose(passage, EditFormat.IMPLICATIONS, n, LoraSettings(), sampling, "job", 0)
+
+
+def test_config_limits_reach_the_teacher(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    roomy = load_config("teacher", env={"SEAL_MAX_CONTEXT_CHARS": "10000", "SEAL_MAX_SELF_EDITS": "2"})
+    engine = TeacherEngine(TransformersGenerator(model, tokenizer), roomy.limits())
+    assert len(_propose(engine, LONG, 2)) == 2  # a gateway with the same config accepts it too
+    with pytest.raises(InvalidArgument, match=r"^n: must be in \[1, 2\]"):
+        _propose(engine, LONG, 3)
+    strict = TeacherEngine(TransformersGenerator(model, tokenizer), load_config("teacher", env={}).limits())
+    with pytest.raises(InvalidArgument, match="passage.context"):
+        _propose(strict, LONG, 1)
+
+
+def test_a_configured_redis_that_does_not_answer_is_an_error(tmp_path: Path) -> None:
+    stack = LocalStack(model="unused", data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(ConnectionError, match="redis://127.0.0.1:1/0 does not answer"):
+        stack.start()
+    assert stack.processes == {}
