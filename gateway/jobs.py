@@ -18,8 +18,8 @@ from typing import Any
 
 from gateway.core import TERMINAL_STATES, assemble_job, expected_edits
 from seal.errors import NotFound
-from seal.records import Job, JobSpec, JobState, to_dict
-from seal.workplane import RESULT_TTL_S, WorkPlane
+from seal.records import Job, JobSpec, JobState, ProposeTask, to_dict
+from seal.workplane import Task, WorkPlane
 
 JOB_TTL_S = 30 * 24 * 3600
 
@@ -44,19 +44,17 @@ class JobStore:
         pipe.set(self._k("tau", job_id), json.dumps(to_dict(spec.documents)), ex=JOB_TTL_S)
         pipe.zadd(self._k("jobs"), {job_id: now})
         for doc_index, doc in enumerate(spec.documents):
-            task_id = f"{job_id}/{doc_index}"
-            payload = {
-                "job_id": job_id,
-                "doc_index": doc_index,
-                "passage": to_dict(doc.passage()),
-                "format": spec.edit_format.value,
-                "n": spec.n_self_edits,
-                "lora": to_dict(spec.lora),
-                "sampling": to_dict(spec.sampling),
-                "passage_control": spec.passage_control,
-            }
-            pipe.set(self._k("enqueued", "propose", task_id), "1", ex=RESULT_TTL_S)
-            pipe.xadd(self.plane.stream_key("propose"), {"task_id": task_id, "payload": json.dumps(payload)})
+            task = ProposeTask(
+                job_id=job_id,
+                doc_index=doc_index,
+                passage=doc.passage(),
+                format=spec.edit_format,
+                n=spec.n_self_edits,
+                lora=spec.lora,
+                sampling=spec.sampling,
+                passage_control=spec.passage_control,
+            )
+            self.plane.enqueue(Task("propose", f"{job_id}/{doc_index}", to_dict(task)), pipeline=pipe)
         pipe.execute()
         return self.get(job_id)
 

@@ -114,6 +114,21 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class ProposeTask:
+    """What the teacher is asked for one document: the passage (never τ) and how to write self-edits."""
+
+    job_id: str = ""
+    doc_index: int = 0
+    passage: Passage = field(default_factory=lambda: Passage("", ""))
+    format: EditFormat = EditFormat.IMPLICATIONS
+    n: int = 1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # Also emit the passage-only control self-edit.
+    passage_control: bool = False
+
+
+@dataclass(frozen=True)
 class SelfEdit:
     """Synthetic training data plus the update directives the student applies."""
 

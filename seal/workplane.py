@@ -72,12 +72,16 @@ class WorkPlane:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def enqueue(self, task: Task) -> bool:
-        """Add a task unless one with the same id was ever added to that stream. True if added."""
+    def enqueue(self, task: Task, pipeline: redis.client.Pipeline | None = None) -> bool:
+        """Add a task unless one with the same id was ever added to that stream. True if added.
+
+        With `pipeline`, the enqueue joins the caller's transaction (and the result comes from it).
+        """
         marker = self.key("enqueued", task.stream, task.task_id)
         added = self._enqueue_once(
             keys=[marker, self.stream_key(task.stream)],
             args=[task.task_id, json.dumps(task.payload), RESULT_TTL_S],
+            client=pipeline,
         )
         return added is not None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,7 @@ import grpc
 from seal import convert
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument
-from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings, SelfEdit, from_dict, to_dict
+from seal.records import EditFormat, ProposeTask, SelfEdit, from_dict, to_dict
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
@@ -29,27 +31,26 @@ class TeacherEngine:
     limits: Limits
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def propose(
-        self,
-        passage: Passage,
-        fmt: EditFormat,
-        n: int,
-        lora: LoraSettings,
-        sampling: SamplingSettings,
-        job_id: str,
-        doc_index: int,
-        with_control: bool = False,
-    ) -> list[SelfEdit]:
-        validate_passage(passage.title, passage.context, self.limits, "passage")
-        check_int_range("n", n, 1, self.limits.max_self_edits)
-        if fmt == EditFormat.PASSAGE:
+    def propose(self, task: ProposeTask) -> list[SelfEdit]:
+        validate_passage(task.passage.title, task.passage.context, self.limits, "passage")
+        check_int_range("n", task.n, 1, self.limits.max_self_edits)
+        if task.format == EditFormat.PASSAGE:
             raise InvalidArgument("format", "must be implications, rewrite or self_qa")
-        validate_lora(lora)
-        validate_sampling(sampling)
+        validate_lora(task.lora)
+        validate_sampling(task.sampling)
         with self.lock:
-            edits = propose_self_edits(self.generator, passage, fmt, n, lora, sampling, job_id, doc_index)
-        if with_control:
-            edits.append(passage_control(passage, lora, job_id, doc_index))
+            edits = propose_self_edits(
+                self.generator,
+                task.passage,
+                task.format,
+                task.n,
+                task.lora,
+                task.sampling,
+                task.job_id,
+                task.doc_index,
+            )
+        if task.passage_control:
+            edits.append(passage_control(task.passage, task.lora, task.job_id, task.doc_index))
         return edits
 
 
@@ -60,33 +61,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def ProposeSelfEdits(
         self, request: teacher_pb2.ProposeSelfEditsRequest, context: grpc.ServicerContext
     ) -> Any:
-        fmt = convert.enum_from_pb(EditFormat, types_pb2.EditFormat, request.format, EditFormat.IMPLICATIONS)
-        edits = self.engine.propose(
-            passage=convert.from_pb(Passage, request.passage),
-            fmt=fmt,
-            n=request.n,
-            lora=convert.from_pb(LoraSettings, request.lora),
-            sampling=convert.from_pb(SamplingSettings, request.sampling),
-            job_id=request.job_id or "adhoc",
-            doc_index=request.doc_index,
-        )
+        task = convert.from_pb(ProposeTask, request)
+        edits = self.engine.propose(dataclasses.replace(task, job_id=task.job_id or "adhoc"))
         return teacher_pb2.ProposeSelfEditsResponse(
             self_edits=[convert.to_pb(e, types_pb2.SelfEdit) for e in edits]
         )
 
 
-def propose_handler(engine: TeacherEngine):  # noqa: ANN201
+def propose_handler(engine: TeacherEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
-        edits = engine.propose(
-            passage=from_dict(Passage, payload["passage"]),
-            fmt=EditFormat(payload["format"]),
-            n=int(payload["n"]),
-            lora=from_dict(LoraSettings, payload["lora"]),
-            sampling=from_dict(SamplingSettings, payload["sampling"]),
-            job_id=payload["job_id"],
-            doc_index=int(payload["doc_index"]),
-            with_control=bool(payload.get("passage_control", True)),
-        )
+        edits = engine.propose(from_dict(ProposeTask, payload))
         return {"self_edits": [to_dict(e) for e in edits]}
 
     return handle

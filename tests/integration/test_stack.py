@@ -270,3 +270,24 @@ def test_direct_rpcs_validate_their_input(stack: LocalStack) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(stub.FetchAdapter(student_pb2.FetchAdapterRequest(sha256="../etc")))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_teacher_proposes_self_edits_over_grpc(stack: LocalStack) -> None:
+    from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
+
+    request = teacher_pb2.ProposeSelfEditsRequest(
+        passage=types_pb2.Passage(title="Alpha", context="Alpha is a town by the sea."),
+        n=2,
+        sampling=types_pb2.SamplingSettings(max_new_tokens=8),
+    )
+    with grpc.insecure_channel(stack.addresses["teacher"]) as channel:
+        stub = teacher_pb2_grpc.TeacherStub(channel)
+        reply = stub.ProposeSelfEdits(request)
+        assert [e.id for e in reply.self_edits] == ["adhoc/0/0", "adhoc/0/1"]
+        assert all(e.format == types_pb2.EDIT_FORMAT_IMPLICATIONS for e in reply.self_edits)  # UNSPECIFIED
+        assert reply.self_edits[0].passage.title == "Alpha"
+        request.n = 0
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ProposeSelfEdits(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("n: must be in [1, 16]")

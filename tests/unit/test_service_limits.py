@@ -8,7 +8,7 @@ import pytest
 
 from seal.config import load_config
 from seal.errors import InvalidArgument
-from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings
+from seal.records import Passage, ProposeTask, SamplingSettings
 from seal.stack import LocalStack
 from teacher.backends import TransformersGenerator
 from teacher.service import TeacherEngine
@@ -17,8 +17,7 @@ LONG = Passage("Long", "word " * 1800)  # 9000 characters: over the default limi
 
 
 def _propose(engine: TeacherEngine, passage: Passage, n: int) -> list:
-    sampling = SamplingSettings(max_new_tokens=4)
-    return engine.propose(passage, EditFormat.IMPLICATIONS, n, LoraSettings(), sampling, "job", 0)
+    return engine.propose(ProposeTask("job", 0, passage, n=n, sampling=SamplingSettings(max_new_tokens=4)))
 
 
 def test_config_limits_reach_the_teacher(tiny_model) -> None:
