@@ -23,11 +23,19 @@ from seal.workplane import Task, WorkPlane
 
 JOB_TTL_S = 30 * 24 * 3600
 
+_SET_STATE_UNLESS_FINISHED = f"""
+local current = redis.call('HGET', KEYS[1], 'state')
+if {" or ".join(f"current == '{s.value}'" for s in TERMINAL_STATES)} then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 
 class JobStore:
     def __init__(self, plane: WorkPlane) -> None:
         self.plane = plane
         self.redis = plane.redis
+        self._set_state = plane.redis.register_script(_SET_STATE_UNLESS_FINISHED)
 
     def _k(self, *parts: str) -> str:
         return self.plane.key(*parts)
@@ -80,18 +88,13 @@ class JobStore:
 
     def set_state(self, job_id: str, state: JobState, error: str = "") -> None:
         """Move a job on; a finished job stays finished."""
-        key = self._k("job", job_id, "state")
-        current = self.redis.hget(key, "state")
-        if current is not None and JobState(current.decode()) in TERMINAL_STATES:
-            return
-        if current is not None and state == JobState.RUNNING and current.decode() == JobState.RUNNING.value:
-            return
-        mapping = {"state": state.value}
+        fields = ["state", state.value]
         if state in TERMINAL_STATES:
-            mapping["finished_at"] = str(time.time())
+            fields += ["finished_at", str(time.time())]
         if error:
-            mapping["error"] = error
-        self.redis.hset(key, mapping=mapping)
+            fields += ["error", error]
+        # One script, so two gateways cannot interleave the check and the write.
+        self._set_state(keys=[self._k("job", job_id, "state")], args=fields)
 
     def finish_if_complete(self, job_id: str) -> bool:
         job = self.get(job_id)
