@@ -97,8 +97,8 @@ class ServiceConfig:
 
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address must be host:port, got {address!r}")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address must be host:port with a port in [0, 65535], got {address!r}")
     return host, int(port)
 
 

@@ -124,7 +124,7 @@ def test_good_listen_address_is_accepted(listen):
 
 
 @pytest.mark.parametrize(
-    "listen", ["", "localhost", "50051", ":50051", "host:", "host:port", "host:-1", "host:5 0"]
+    "listen", ["", "localhost", "50051", ":50051", "host:", "host:port", "host:-1", "host:5 0", "host:65536"]
 )
 def test_bad_listen_address_is_rejected(listen):
     """Anything that is not host:port fails at start, naming the address."""
