@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ from seal.validation import Limits, validate_document
 from seal.workplane import Task, WorkPlane
 from student.client import fetch_adapter
 
+# Documents whose baseline answers are kept (a job's N + 1 adapters share one document's baseline).
+BASELINE_CACHE_SIZE = 256
+
 
 @dataclass
 class AuditorEngine:
@@ -49,7 +53,7 @@ class AuditorEngine:
     metric: str = "contains"
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Baseline answers depend only on the base model and the document: compute them once.
-    _baselines: dict[str, list[QuestionScore]] = field(default_factory=dict)
+    _baselines: OrderedDict[str, list[QuestionScore]] = field(default_factory=OrderedDict)
     _anchor_before: float | None = None
 
     def audit(self, doc: Document, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
@@ -88,6 +92,9 @@ class AuditorEngine:
         key = sha256_text(to_json(doc) + self.metric)
         if key not in self._baselines:
             self._baselines[key] = evaluate_document(self.model, self.tokenizer, doc, self.metric)
+            if len(self._baselines) > BASELINE_CACHE_SIZE:  # a long-lived auditor sees endless documents
+                self._baselines.popitem(last=False)
+        self._baselines.move_to_end(key)
         return self._baselines[key]
 
 

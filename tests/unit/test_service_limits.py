@@ -37,3 +37,23 @@ def test_a_configured_redis_that_does_not_answer_is_an_error(tmp_path: Path) -> 
     with pytest.raises(ConnectionError, match="redis://127.0.0.1:1/0 does not answer"):
         stack.start()
     assert stack.processes == {}
+
+
+def test_auditor_baseline_cache_reuses_and_stays_bounded(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    import auditor.service
+    from auditor.service import AuditorEngine
+    from auditor.signing import VerdictSigner
+    from seal.records import QA, Document
+    from seal.validation import Limits
+
+    monkeypatch.setattr(auditor.service, "BASELINE_CACHE_SIZE", 2)
+    model, tokenizer = tiny_model
+    engine = AuditorEngine(model, tokenizer, "f" * 64, VerdictSigner.generate(), tmp_path, Limits())
+    docs = [Document(f"T{i}", "c", (QA("q?", "a"),)) for i in range(3)]
+    first = engine._baseline(docs[0])
+    assert engine._baseline(docs[0]) is first  # computed once per document
+    engine._baseline(docs[1])
+    engine._baseline(docs[0])  # docs[0] is now the most recent
+    engine._baseline(docs[2])  # evicts docs[1], the least recent
+    assert len(engine._baselines) == 2
+    assert engine._baseline(docs[0]) is first
