@@ -62,3 +62,13 @@ def test_bundled_example_job_is_valid() -> None:
         # τ must not be answerable from the title alone (else the demo proves nothing).
         assert all(qa.answer.lower() not in doc.title.lower() for qa in doc.questions)
         assert all(qa.answer.lower() in doc.context.lower() for qa in doc.questions)
+
+
+def test_every_service_gets_the_same_request_limits() -> None:
+    services = _compose()["services"]
+    limits = {
+        load_config(kind, env={k: str(v) for k, v in services[kind]["environment"].items()}).limits()
+        for kind in SERVICE_KINDS
+    }
+    assert len(limits) == 1
+    assert "SEAL_MAX_CONTEXT_CHARS" in services["teacher"]["environment"]

@@ -1,4 +1,4 @@
-"""Every service checks requests against the limits of its own configuration, not hard-coded ones."""
+"""Service engines: limits from their own config, and the auditor's bounded baseline cache."""
 
 from __future__ import annotations
 
