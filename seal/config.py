@@ -63,6 +63,44 @@ class ServiceConfig:
     """Most self-edits per document (N)."""
     max_context_chars: int = 8000
     """Longest context accepted. Every service checks these limits; give all of them the same."""
+    # --- trust: verdict signing, authentication, transport security ------------------------------
+    signing_key: str = ""
+    """Auditor: its Ed25519 private key file (PEM); empty: <data_dir>/auditor-ed25519.key, made if missing."""
+    trusted_keys: str = ""
+    """Gateway: file of trusted auditor public keys, JSON {"keys": [{"key_id", "public_key" (base64)}]}.
+    Any number of auditors and retired keys may be listed; a verdict under any other key is refused."""
+    verdict_ttl_s: float = 30 * 24 * 3600.0
+    """Auditor: how long a signed verdict stays valid (its expires_at)."""
+    api_tokens: str = ""
+    """Gateway: file of API bearer tokens, JSON {"tokens": [{"sha256", "subject", "role"}]};
+    roles are submitter (own jobs only) and operator (everything). Empty: the API is open (local use)."""
+    tls_ca: str = ""
+    """PEM of the CA that signs every service certificate; with tls_cert/tls_key turns on mTLS."""
+    tls_cert: str = ""
+    """This service's certificate (PEM), signed by tls_ca."""
+    tls_key: str = ""
+    """This service's private key (PEM)."""
+    # --- bounds ----------------------------------------------------------------------------------
+    adapter_max_bytes: int = 512 * 1024 * 1024
+    """Auditor: largest adapter (all files together) it will fetch."""
+    adapter_max_files: int = 8
+    """Auditor: most files an adapter may hold."""
+    student_wait_s: float = 600.0
+    """Auditor: how long to keep retrying (with backoff) for a student that holds an adapter."""
+    max_train_tokens: int = 2_000_000
+    """Student: compute budget of one update, epochs x training tokens; larger self-edits are refused."""
+    adapter_retention: int = 200
+    """Student: adapters kept on disk (oldest pruned first); 0 keeps all."""
+    http_max_body_bytes: int = 16 * 1024 * 1024
+    """Gateway: largest HTTP request body."""
+    http_max_concurrency: int = 64
+    """Gateway: HTTP requests served at once; more wait briefly then get 503."""
+    http_read_timeout_s: float = 30.0
+    """Gateway: how long a client may take to send its request body."""
+    max_watchers: int = 256
+    """Gateway: concurrent WatchJob streams (gRPC and HTTP); more get RESOURCE_EXHAUSTED / 429."""
+    metrics_listen: str = ""
+    """Prometheus /metrics address (host:port); empty: none (the gateway also serves it over HTTP)."""
 
     def __post_init__(self) -> None:
         if self.kind not in SERVICE_KINDS:
