@@ -10,6 +10,11 @@ share the work. Delivery is at least once; these rules make it safe:
   it over (XAUTOCLAIM). Long tasks keep their claim fresh with a heartbeat (XCLAIM ... JUSTID);
 - a task that fails `max_attempts` times, or raises PermanentError, goes to the dead-letter stream
   with its reason.
+
+State stays bounded: an acknowledged entry is deleted from its stream (each stream has one consumer
+group, so nobody else still needs it), every key written here expires, and the events and
+dead-letter streams are capped. A worker whose consumer group vanished (Redis restarted without its
+data) re-creates it and goes on.
 """
 
 from __future__ import annotations
@@ -25,17 +30,26 @@ from typing import Any
 
 import redis
 
+from seal import metrics
 from seal.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
 STREAMS = ("propose", "apply", "audit", "events", "dead")
 RESULT_TTL_S = 7 * 24 * 3600
+# Approximate caps (XADD MAXLEN ~). Task streams are never capped: trimming would drop work. Events
+# are deleted once folded, so the cap only bites on a backlog this deep; dead letters are kept for
+# operators (not deleted on ack), so the cap is all that bounds them.
+STREAM_CAPS = {"events": 100_000, "dead": 10_000}
+KEPT_AFTER_ACK = frozenset({"dead"})
 
-# KEYS[1] marker, KEYS[2] stream; ARGV task_id, payload, ttl. Atomic: a crash cannot leave the
-# marker set without the stream entry (which would lose the task) or add an entry twice.
+# KEYS[1] marker, KEYS[2] stream; ARGV task_id, payload, ttl, cap (0: none). Atomic: a crash cannot
+# leave the marker set without the stream entry (which would lose the task) or add an entry twice.
 _ENQUEUE_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  if tonumber(ARGV[4]) > 0 then
+    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'task_id', ARGV[1], 'payload', ARGV[2])
+  end
   return redis.call('XADD', KEYS[2], '*', 'task_id', ARGV[1], 'payload', ARGV[2])
 end
 return false
@@ -80,7 +94,7 @@ class WorkPlane:
         marker = self.key("enqueued", task.stream, task.task_id)
         added = self._enqueue_once(
             keys=[marker, self.stream_key(task.stream)],
-            args=[task.task_id, json.dumps(task.payload), RESULT_TTL_S],
+            args=[task.task_id, json.dumps(task.payload), RESULT_TTL_S, STREAM_CAPS.get(task.stream, 0)],
             client=pipeline,
         )
         return added is not None
@@ -109,6 +123,8 @@ class WorkPlane:
                     }
                 ),
             },
+            maxlen=STREAM_CAPS["dead"],
+            approximate=True,
         )
 
     def pending_count(self, stream: str, group: str) -> int:
@@ -150,15 +166,29 @@ class Worker:
         log.info("worker stopped", extra={"stream": self.stream, "consumer": self.consumer})
 
     def poll_once(self, block_ms: int = 1000) -> int:
-        """Process at most one task: a reclaimed stuck one first, else a new one. Returns how many."""
-        messages: Any = self.reclaim_stuck_tasks(count=1)
-        if not messages:
-            reply: Any = self.plane.redis.xreadgroup(
-                self.group, self.consumer, {self._stream_key: ">"}, count=1, block=block_ms
-            )
-            messages = reply[0][1] if reply else []
-        for msg_id, fields in messages:
-            self._process(msg_id, fields)
+        """Process at most one task: a reclaimed stuck one first, else a new one. Returns how many.
+
+        A missing consumer group (Redis came back without its data) is re-created from the start of
+        the stream, which holds only unacknowledged entries, so nothing done is delivered again.
+        """
+        try:
+            messages: Any = self.reclaim_stuck_tasks(count=1)
+            if not messages:
+                reply: Any = self.plane.redis.xreadgroup(
+                    self.group, self.consumer, {self._stream_key: ">"}, count=1, block=block_ms
+                )
+                messages = reply[0][1] if reply else []
+            for msg_id, fields in messages:
+                self._process(msg_id, fields)
+        except redis.ResponseError as exc:
+            if _is_nogroup(exc):
+                log.warning(
+                    "consumer group missing (Redis lost its data?); re-creating it",
+                    extra={"stream": self.stream, "group": self.group},
+                )
+                self.plane.ensure_group(self.stream, self.group)
+                return 0
+            raise
         return len(messages)
 
     def reclaim_stuck_tasks(self, count: int = 1) -> list[tuple[str, dict[str, str]]]:
@@ -185,24 +215,35 @@ class Worker:
         if attempts > self.max_attempts:  # every earlier delivery died with its worker
             reason = f"gave up after {attempts - 1} deliveries whose workers died mid-task"
             self.plane.dead_letter(self.stream, task_id, _loads_or_empty(fields), reason, attempts - 1)
-            self.plane.redis.xack(self._stream_key, self.group, msg_id)
+            self._ack(msg_id, task_id)
+            metrics.task_dead_lettered(self.group, self.stream)
             return
         try:
             payload = json.loads(fields[b"payload"])
             result = self.plane.result(self.stream, task_id)
             if result is None:
-                with self._heartbeat(msg_id):
+                with self._heartbeat(msg_id), metrics.handling(self.group, self.stream):
                     result = self.handle(payload)
                 self.plane.store_result(self.stream, task_id, result)
             for task in self.followups(payload, result):
                 self.plane.enqueue(task)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             raise  # Redis is gone: the task stays pending and is retried once it is back
         except Exception as exc:  # noqa: BLE001 - a failed task is recorded, never fatal to the worker
             self._fail(msg_id, task_id, payload, exc, attempts)
             return
-        self.plane.redis.xack(self._stream_key, self.group, msg_id)
-        self.plane.redis.delete(self._attempts_key(task_id))
+        self._ack(msg_id, task_id)
+        metrics.task_completed(self.group, self.stream, msg_id)
+
+    def _ack(self, msg_id: Any, task_id: str = "") -> None:
+        """Acknowledge, and delete the entry so the stream holds only work not yet done."""
+        pipe = self.plane.redis.pipeline(transaction=True)
+        pipe.xack(self._stream_key, self.group, msg_id)
+        if self.stream not in KEPT_AFTER_ACK:
+            pipe.xdel(self._stream_key, msg_id)
+        if task_id:
+            pipe.delete(self._attempts_key(task_id))
+        pipe.execute()
 
     def _fail(
         self, msg_id: Any, task_id: str, payload: dict[str, Any], exc: Exception, attempts: int
@@ -212,8 +253,10 @@ class Worker:
         unreadable = isinstance(exc, (KeyError, json.JSONDecodeError)) and not payload
         if isinstance(exc, PermanentError) or unreadable or attempts >= self.max_attempts:
             self.plane.dead_letter(self.stream, task_id, payload, f"{type(exc).__name__}: {exc}", attempts)
-            self.plane.redis.xack(self._stream_key, self.group, msg_id)
+            self._ack(msg_id, task_id)
+            metrics.task_dead_lettered(self.group, self.stream)
         else:
+            metrics.task_retried(self.group, self.stream)
             self._retry_later(msg_id)
 
     def _retry_later(self, msg_id: Any) -> None:
@@ -255,6 +298,10 @@ class Worker:
         finally:
             done.set()
             thread.join()
+
+
+def _is_nogroup(exc: redis.ResponseError) -> bool:
+    return "NOGROUP" in str(exc)
 
 
 def _loads_or_empty(fields: dict[bytes, bytes]) -> dict[str, Any]:

@@ -244,3 +244,90 @@ def test_on_bound_runs_before_workers_take_queued_tasks(plane) -> None:
         assert plane.result("apply", "queued-before-start") == {"address": f"127.0.0.1:{process.port}"}
     finally:
         process.drain(grace_s=1)
+
+
+def test_a_finished_task_leaves_no_stream_entry_and_every_key_expires(plane) -> None:
+    """Bounded state: the acked entry is deleted and attempts/enqueued/result keys all carry a TTL."""
+    worker = Worker(
+        plane, "apply", "student", "w1", lambda p: {"ok": 1}, lambda p, r: [Task("audit", "a1", r)]
+    )
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    assert worker.poll_once(block_ms=100) == 1
+    assert plane.redis.xlen(plane.stream_key("apply")) == 0
+    assert plane.pending_count("apply", "student") == 0
+    keys = [k.decode() for k in plane.redis.scan_iter(f"{plane.namespace}:*")]
+    written = [k for k in keys if not k.startswith(plane.key("stream"))]
+    assert {k.split(":")[1] for k in written} == {"enqueued", "result"}  # attempts: deleted on success
+    assert all(plane.redis.ttl(k) > 0 for k in written), {k: plane.redis.ttl(k) for k in written}
+
+
+def test_an_attempts_counter_left_by_a_crash_expires(plane) -> None:
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    worker = Worker(plane, "apply", "student", "w1", lambda p: 1 / 0, visibility_timeout_s=5)
+    worker.poll_once(block_ms=100)  # failed once, kept for a retry: its counter stays, with a TTL
+    assert plane.redis.ttl(plane.key("attempts", "apply", "t1")) > 0
+    assert plane.redis.xlen(plane.stream_key("apply")) == 1  # not done: the entry stays
+
+
+def test_dead_letters_are_kept_after_the_gateway_acks_them(plane) -> None:
+    plane.dead_letter("apply", "t1", {"x": 1}, "boom", 3)
+    Worker(plane, "dead", "gateway", "g1", lambda p: {"failed": p["task_id"]}).poll_once(block_ms=100)
+    assert plane.result("dead", "apply/t1") == {"failed": "t1"}
+    assert plane.pending_count("dead", "gateway") == 0
+    assert plane.redis.xlen(plane.stream_key("dead")) == 1  # kept for operators; only capped
+
+
+def test_events_and_dead_letters_are_capped(plane, monkeypatch: pytest.MonkeyPatch) -> None:
+    from seal import workplane
+
+    monkeypatch.setitem(workplane.STREAM_CAPS, "events", 10)
+    monkeypatch.setitem(workplane.STREAM_CAPS, "dead", 10)
+    for i in range(600):
+        plane.enqueue(Task("events", f"e{i}", {}))
+        plane.dead_letter("apply", f"t{i}", {}, "boom", 1)
+    # MAXLEN ~ trims whole macro nodes (100 entries by default), so "about" the cap.
+    assert plane.redis.xlen(plane.stream_key("events")) <= 200
+    assert plane.redis.xlen(plane.stream_key("dead")) <= 200
+    assert plane.redis.xlen(plane.stream_key("propose")) == 0  # task streams are never trimmed
+    for i in range(300):
+        plane.enqueue(Task("propose", f"p{i}", {}))
+    assert plane.redis.xlen(plane.stream_key("propose")) == 300
+
+
+def test_workers_recreate_their_group_after_redis_restarts_empty(tmp_path) -> None:
+    """A Redis that comes back without its data (no AOF) has no consumer groups: the worker makes
+    its group again and takes new work, instead of logging NOGROUP forever."""
+    import redis
+
+    from seal.embedded_redis import start_redis
+    from seal.workplane import WorkPlane
+
+    server = start_redis()  # throwaway: a restart loses everything, groups included
+    port = server.port
+    plane = WorkPlane(redis.Redis.from_url(server.url, socket_timeout=5), "seal")
+    done: list[dict] = []
+    worker = Worker(plane, "apply", "student", "w1", lambda p: done.append(p) or {"ok": 1})
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"block_ms": 100}, daemon=True)
+    thread.start()
+    try:
+        plane.enqueue(Task("apply", "before", {"n": 1}))
+        _wait_until(lambda: done == [{"n": 1}])
+        server.process.kill()
+        server.process.wait()
+        time.sleep(1.5)  # the worker sees Redis gone and keeps retrying
+        server = start_redis(port=port)
+        plane.enqueue(Task("apply", "after", {"n": 2}))
+        _wait_until(lambda: done == [{"n": 1}, {"n": 2}], timeout_s=15)
+        assert plane.redis.xinfo_groups(plane.stream_key("apply"))[0]["name"] == b"student"
+    finally:
+        stop.set()
+        thread.join(10)
+        server.stop()
+
+
+def _wait_until(condition, timeout_s: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
