@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
@@ -21,9 +21,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-if TYPE_CHECKING:
-    from seal.config import ServiceConfig
 
 LOCAL_SERVICES = ("teacher", "student", "auditor", "gateway", "client")
 """The four services plus `client`, the identity of command-line tools (seal submit, seal status)."""
@@ -48,8 +45,16 @@ class TlsFiles:
         return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
 
 
-def tls_files(config: ServiceConfig) -> TlsFiles | None:
-    """The config's TLS files, checked to be readable PEM; None when TLS is off (none set).
+class TlsSettings(Protocol):
+    """Where the TLS files are: a ServiceConfig, or the flags of a command-line client."""
+
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+
+
+def tls_files(config: TlsSettings) -> TlsFiles | None:
+    """The configured TLS files, checked to be readable PEM; None when TLS is off (none set).
 
     A partial set is an error: a service that silently fell back to plaintext would look secure."""
     given = {"tls_ca": config.tls_ca, "tls_cert": config.tls_cert, "tls_key": config.tls_key}
@@ -63,9 +68,10 @@ def tls_files(config: ServiceConfig) -> TlsFiles | None:
             f"(or SEAL_{'/SEAL_'.join(m.upper() for m in missing)}); `seal certs --out DIR` makes a set"
         )
     tls = TlsFiles(Path(config.tls_ca), Path(config.tls_cert), Path(config.tls_key))
-    for name, path in (("tls_ca", tls.ca), ("tls_cert", tls.cert)):
-        _load_certificate(name, path)
-    _load_private_key("tls_key", tls.key)
+    _load_certificate("tls_ca", tls.ca)
+    cert = _load_certificate("tls_cert", tls.cert)
+    if cert.public_key() != _load_private_key("tls_key", tls.key).public_key():
+        raise ValueError(f"tls_key: {tls.key} is not the key of the certificate {tls.cert}")
     return tls
 
 

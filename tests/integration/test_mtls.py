@@ -22,8 +22,8 @@ WHOAMI = "/seal.test.Whoami/Who"
 
 
 def serve_whoami() -> None:
-    """Child process entry: `python -c ... serve_whoami()` CA CERT KEY; prints the bound port."""
-    tls = TlsFiles(*(Path(p) for p in sys.argv[1:4]))
+    """Child process entry: `python -c ... serve_whoami()` [CA CERT KEY]; prints the bound port."""
+    tls = TlsFiles(*(Path(p) for p in sys.argv[1:4])) if len(sys.argv) > 1 else None
 
     def who(request: bytes, context: grpc.ServicerContext) -> bytes:
         return peer_service(context).encode()
@@ -40,10 +40,11 @@ def serve_whoami() -> None:
     process.wait()
 
 
-def _start(tls: TlsFiles) -> tuple[subprocess.Popen[str], str]:
+def _start(tls: TlsFiles | None) -> tuple[subprocess.Popen[str], str]:
     code = "from tests.integration.test_mtls import serve_whoami; serve_whoami()"
+    files = [str(tls.ca), str(tls.cert), str(tls.key)] if tls else []
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(tls.ca), str(tls.cert), str(tls.key)],
+        [sys.executable, "-c", code, *files],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -144,6 +145,16 @@ def test_a_client_refuses_a_server_certificate_not_made_for_the_dialled_address(
     try:
         with channel(address, pki["client"]) as ch:
             assert _refused(ch) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        _stop(proc)
+
+
+def test_without_tls_the_service_is_plaintext_and_names_no_peer() -> None:
+    proc, address = _start(None)
+    try:
+        with channel(address, None) as ch:
+            assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
+            assert ch.unary_unary(WHOAMI)(b"", timeout=10) == b""
     finally:
         _stop(proc)
 

@@ -131,6 +131,11 @@ def test_files_that_are_not_pem_are_refused(pki: dict[str, TlsFiles]) -> None:
         tls_files(_config(pki["teacher"], tls_key=str(pki["teacher"].cert)))
 
 
+def test_a_key_that_does_not_belong_to_the_certificate_is_refused(pki: dict[str, TlsFiles]) -> None:
+    with pytest.raises(ValueError, match="tls_key: .*student.key is not the key of the certificate"):
+        tls_files(_config(pki["teacher"], tls_key=str(pki["student"].key)))
+
+
 def test_tls_env_round_trips_through_the_service_config(pki: dict[str, TlsFiles]) -> None:
     config = load_config("auditor", env=tls_env(pki["auditor"]))
     assert tls_files(config) == pki["auditor"]
