@@ -164,7 +164,8 @@ def _group_info(client: redis.Redis, key: str, group: str) -> dict[str, Any] | N
 def _unread_count(client: redis.Redis, key: str, last_delivered: Any, cap: int = 10_000) -> int:
     """Entries after the group's last delivered one, counted up to `cap` (a scrape must stay cheap)."""
     start = last_delivered.decode() if isinstance(last_delivered, bytes) else str(last_delivered)
-    return len(client.xrange(key, min="(" + start, max="+", count=cap))
+    entries: Any = client.xrange(key, min="(" + start, max="+", count=cap)
+    return len(entries)
 
 
 # --- exposing them --------------------------------------------------------------------------------

@@ -109,6 +109,20 @@ def test_queue_depth_is_read_from_redis_at_scrape_time(plane: WorkPlane, namespa
     assert registry.get_sample_value("seal_queue_in_flight", labels) == 1
 
 
+def test_queue_depth_counts_unread_entries_when_redis_cannot_tell_the_lag(
+    plane: WorkPlane, namespace: str
+) -> None:
+    key = plane.stream_key("apply")
+    ids = [plane.redis.xadd(key, {"task_id": f"t{i}", "payload": "{}"}) for i in range(4)]
+    plane.ensure_group("apply", namespace)
+    plane.redis.xreadgroup(namespace, "busy", {key: ">"}, count=1)
+    plane.redis.xdel(key, ids[2])  # a hole after the last delivered entry: XINFO's lag becomes nil
+    assert plane.redis.xinfo_groups(key)[0]["lag"] is None
+    registry = CollectorRegistry()
+    registry.register(metrics.QueueDepthCollector(plane.redis, [("apply", key, namespace)]))
+    assert registry.get_sample_value("seal_queue_depth", {"stream": "apply", "group": namespace}) == 3
+
+
 def test_queue_depth_of_a_stream_that_does_not_exist_yet_is_absent_not_an_error(
     plane: WorkPlane, namespace: str
 ) -> None:
