@@ -13,23 +13,32 @@ from seal.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayClient:
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    """`token` is an API bearer token, sent as `authorization: Bearer <token>` metadata on every
+    call; leave it empty for a gateway with an open API."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, token: str = "") -> None:
         self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def submit(self, spec: JobSpec) -> Job:
         reply = self.stub.SubmitJob(
-            convert.to_pb(spec, gateway_pb2.JobSpec), timeout=self.timeout_s, wait_for_ready=True
+            convert.to_pb(spec, gateway_pb2.JobSpec),
+            timeout=self.timeout_s,
+            wait_for_ready=True,
+            metadata=self.metadata,
         )
         return convert.from_pb(Job, reply)
 
     def get(self, job_id: str) -> Job:
-        reply = self.stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout_s)
+        reply = self.stub.GetJob(
+            gateway_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout_s, metadata=self.metadata
+        )
         return convert.from_pb(Job, reply)
 
     def watch(self, job_id: str) -> Iterator[Job]:
-        for reply in self.stub.WatchJob(gateway_pb2.GetJobRequest(job_id=job_id)):
+        for reply in self.stub.WatchJob(gateway_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata):
             yield convert.from_pb(Job, reply)
 
     def close(self) -> None:

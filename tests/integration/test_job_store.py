@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from gateway.jobs import JobStore
+import time
+
+import pytest
+
+from gateway.jobs import JOB_TTL_S, MAX_PAGE, JobStore
+from seal.errors import InvalidArgument, NotFound
 from seal.records import QA, Document, JobSpec, JobState, ProposeTask, from_json
 
 SPEC = JobSpec(
@@ -38,50 +43,56 @@ def test_a_finished_job_stays_finished(plane) -> None:
     assert finished.state == JobState.SUCCEEDED and finished.error == "" and finished.finished_at > 0
 
 
-def _signed_verdict_event(job_id: str, signer):  # noqa: ANN001, ANN202
-    from seal.records import Verdict, to_dict
-
-    verdict = Verdict(
-        job_id, 0, f"{job_id}/0/0", "a" * 64, "f" * 64, 0.0, 1.0, 1.0, (), (), 1.0, True, ("tau_leak:pass",)
-    )
-    signed = signer.sign(verdict)
-    return signed, {
-        "type": "verdict",
-        "job_id": job_id,
-        "self_edit_id": signed.self_edit_id,
-        "verdict": to_dict(signed),
-    }
-
-
-def test_gateway_records_a_verdict_only_with_the_auditors_signature(plane) -> None:
-    from auditor.signing import VerdictSigner
-    from gateway.events import SigningKeys, event_handler
-
+def test_job_ids_that_the_store_did_not_make_are_not_found(plane) -> None:
     store = JobStore(plane)
-    auditor, impostor = VerdictSigner.generate(), VerdictSigner.generate()
-    fetches = []
-
-    def fetch() -> tuple[str, bytes]:
-        fetches.append(1)
-        return auditor.key_id, auditor.public_key_bytes()
-
-    handle = event_handler(store, SigningKeys(fetch))
     job = store.create(SPEC)
-    _, genuine = _signed_verdict_event(job.id, auditor)
-    handle(genuine)
-    assert plane.redis.hexists(plane.key("job", job.id, "parts"), f"{job.id}/0/0|verdict")
-    assert store.get(job.id).state == JobState.QUEUED  # recorded, job not failed
+    for bad in (f"{job.id}:state", f"{job.id}:parts", job.id.upper(), job.id[:-1], "", "../" + job.id):
+        with pytest.raises(NotFound):  # not WRONGTYPE from reading the state hash as the job
+            store.get(bad)
 
-    forged_job = store.create(SPEC)
-    _, forged = _signed_verdict_event(forged_job.id, impostor)  # an unknown key: fetched, still refused
-    handle(forged)
-    refused = store.get(forged_job.id)
-    assert refused.state == JobState.FAILED and "not signed by the auditor" in refused.error
-    assert not plane.redis.hexists(plane.key("job", forged_job.id, "parts"), f"{forged_job.id}/0/0|verdict")
 
-    tampered_job = store.create(SPEC)
-    _, tampered = _signed_verdict_event(tampered_job.id, auditor)
-    tampered["verdict"]["reward"] = 0.5  # a changed field breaks the signature
-    handle(tampered)
-    assert store.get(tampered_job.id).state == JobState.FAILED
-    assert len(fetches) == 2  # the known key is cached; only the impostor's id caused a second fetch
+def test_a_job_is_visible_to_its_owner_only_unless_no_owner_is_asked(plane) -> None:
+    store = JobStore(plane)
+    alices = store.create(SPEC, owner="alice")
+    assert store.get(alices.id, owner="alice").id == alices.id
+    assert store.get(alices.id).id == alices.id  # an operator's view
+    with pytest.raises(NotFound, match="no job with id"):
+        store.get(alices.id, owner="bob")
+    bobs = store.create(SPEC, owner="bob")
+    assert store.list_page(owner="alice").ids == [alices.id]
+    assert store.list_page(owner="bob").ids == [bobs.id]
+    assert store.list_page().ids == [bobs.id, alices.id]
+
+
+def test_indexes_expire_and_drop_ids_older_than_the_job_ttl(plane) -> None:
+    store = JobStore(plane)
+    old = time.time() - JOB_TTL_S - 60
+    for index in (plane.key("jobs"), plane.key("jobs", "owner", "alice")):
+        plane.redis.zadd(index, {"0123456789abcdef": old})
+    job = store.create(SPEC, owner="alice")
+    for index in (plane.key("jobs"), plane.key("jobs", "owner", "alice")):
+        assert [m.decode() for m in plane.redis.zrange(index, 0, -1)] == [job.id]
+        assert 0 < plane.redis.ttl(index) <= JOB_TTL_S
+    for key in (plane.key("job", job.id), plane.key("job", job.id, "state"), plane.key("tau", job.id)):
+        assert 0 < plane.redis.ttl(key) <= JOB_TTL_S
+
+
+def test_pages_cover_every_job_once_even_with_equal_timestamps(plane) -> None:
+    store = JobStore(plane)
+    # Seven ids, five of them submitted in the same instant.
+    ids = [f"{i:016x}" for i in range(7)]
+    plane.redis.zadd(plane.key("jobs"), {i: (1000.0 if n < 5 else 1000.0 + n) for n, i in enumerate(ids)})
+    seen, cursor = [], ""
+    while True:
+        page = store.list_page(limit=2, cursor=cursor)
+        seen += page.ids
+        if not page.next_cursor:
+            break
+        cursor = page.next_cursor
+    assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
+    assert seen[:2] == [ids[6], ids[5]]  # newest first
+    for limit in (0, MAX_PAGE + 1):
+        with pytest.raises(InvalidArgument, match="limit"):
+            store.list_page(limit=limit)
+    with pytest.raises(InvalidArgument, match="cursor"):
+        store.list_page(cursor="nan/0123456789abcdef")
