@@ -119,6 +119,27 @@ def write_token_file(path: Path | str, entries: Iterable[tuple[str, str, Role | 
     return path
 
 
+def local_operator_token(directory: Path | str) -> tuple[str, Path]:
+    """(token, token file) of a local stack's operator, made on first use and kept in `directory`
+    (both files 0600), so `seal up` needs no setup and a restarted stack keeps the same token.
+
+    The token itself is kept in `<directory>/operator-token` for local clients to read; the gateway
+    is given `<directory>/api-tokens.json`, which holds its digest only.
+    """
+    directory = Path(directory)
+    token_path, tokens_file = directory / "operator-token", directory / "api-tokens.json"
+    if token_path.exists() and tokens_file.exists():
+        token = token_path.read_text(encoding="utf-8").strip()
+        if any(hmac.compare_digest(token_digest(token), e.digest) for e in load_token_file(tokens_file)):
+            return token, tokens_file
+    token = generate_token()
+    write_token_file(tokens_file, [(token, "operator", Role.OPERATOR)])
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token, tokens_file
+
+
 def load_token_file(path: Path | str) -> tuple[TokenEntry, ...]:
     """The entries of a token file; a malformed file is a ValueError naming the entry to fix."""
     path = Path(path)

@@ -54,6 +54,20 @@ def test_token_file_holds_digests_only_and_is_private(tokens) -> None:  # noqa: 
     assert issued["alice"] != issued["root"] and len(issued["alice"]) > 40
 
 
+def test_a_local_stack_gets_one_operator_token_with_no_setup(tmp_path: Path) -> None:
+    from gateway.auth import local_operator_token
+
+    token, tokens_file = local_operator_token(tmp_path / "gateway")
+    assert Authenticator(load_token_file(tokens_file)).authenticate(f"Bearer {token}") == Principal(
+        "operator", Role.OPERATOR
+    )
+    assert local_operator_token(tmp_path / "gateway") == (token, tokens_file)  # kept across restarts
+    assert stat.S_IMODE((tmp_path / "gateway" / "operator-token").stat().st_mode) == 0o600
+    (tmp_path / "gateway" / "operator-token").write_text("seal_stale\n")  # not in the file: a new one
+    renewed, _ = local_operator_token(tmp_path / "gateway")
+    assert renewed != token and token not in tokens_file.read_text()
+
+
 def test_bearer_tokens_authenticate_their_subject_and_role(tokens) -> None:  # noqa: ANN001
     path, issued = tokens
     auth = Authenticator(load_token_file(path))
