@@ -75,6 +75,7 @@ class EmbeddedRedis:
             [find_redis_server(), str(self._write_config())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C must not stop it before the services drain
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s

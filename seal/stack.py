@@ -1,15 +1,20 @@
 """A whole local stack as child processes: Redis (given or embedded) and the four services.
 
 Used by `seal up`, `seal demo` and the integration tests, so all three run the same real processes.
+With `supervise=True` (what `seal up` uses) a child that dies is restarted with backoff on the same
+address and flags, and so is the embedded Redis, on the same port and data directory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +24,40 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seal.config import SERVICE_KINDS
 from seal.embedded_redis import EmbeddedRedis, free_port, redis_answers, start_redis
 
+log = logging.getLogger(__name__)
+
 
 def default_threads() -> int:
     """torch threads per model service: three of them share this machine's cores. Oversubscribed
     OpenMP threads spin against each other; on 2 cores that made training 10x slower."""
     return max(1, (os.cpu_count() or 1) // 3)
+
+
+def resolve_port(address: str) -> str:
+    """`host:0` becomes `host:<a free port>`, so the address can be dialled and kept across restarts."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return f"{host}:{free_port(host)}" if int(port) == 0 else address
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    first_delay_s: float = 1.0
+    """Wait before the first restart; doubles with each death that follows soon after."""
+    max_delay_s: float = 30.0
+    stable_after_s: float = 60.0
+    """A child up this long is healthy again: its next death waits `first_delay_s` again."""
+
+
+@dataclass
+class _Tended:
+    """Restart bookkeeping of one supervised child."""
+
+    delay_s: float
+    started_at: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -34,16 +68,22 @@ class LocalStack:
     namespace: str = "seal"
     threads: int = 0
     gateway_listen: str = ""
-    """Fixed gateway gRPC address (host:port); empty picks a free port, as for the other services."""
+    """Fixed gateway gRPC address (host:port; port 0 picks a free one); empty: a free port."""
     http_listen: str = ""
     """Fixed gateway HTTP address; empty picks a free port."""
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_flags: dict[str, list[str]] = field(default_factory=dict)
+    supervise: bool = False
+    """Restart a service, or the embedded Redis, that dies (with backoff) until stop()."""
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     addresses: dict[str, str] = field(default_factory=dict, init=False)
     http_address: str = field(default="", init=False)
     _redis: EmbeddedRedis | None = field(default=None, init=False)
+    _tended: dict[str, _Tended] = field(default_factory=dict, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _supervisor: threading.Thread | None = field(default=None, init=False)
 
     def start(self, timeout_s: float = 600.0) -> LocalStack:
         """Start Redis if needed and every service; return once all answer their health check."""
@@ -54,13 +94,15 @@ class LocalStack:
                 f"the Redis at {self.redis_url} does not answer; start it, or leave it unset "
                 "for an embedded one"
             )
-        if not self.redis_url:
-            self._redis = start_redis()
-            self.redis_url = self._redis.url
         self.addresses = {kind: f"127.0.0.1:{free_port()}" for kind in SERVICE_KINDS}
-        self.addresses["gateway"] = self.gateway_listen or self.addresses["gateway"]
-        self.http_address = self.http_listen or f"127.0.0.1:{free_port()}"
+        if self.gateway_listen:
+            self.addresses["gateway"] = resolve_port(self.gateway_listen)
+        self.http_address = resolve_port(self.http_listen) if self.http_listen else f"127.0.0.1:{free_port()}"
         try:
+            if not self.redis_url:
+                # Persistent: AOF and password under the data dir, so a restart of Redis loses nothing.
+                self._redis = start_redis(data_dir=self.data_dir / "redis")
+                self.redis_url = self._redis.url
             for kind in SERVICE_KINDS:
                 self.processes[kind] = self._spawn(kind)
             deadline = time.monotonic() + timeout_s
@@ -69,14 +111,14 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        if self.supervise:
+            self._start_supervisor()
         return self
 
     def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
         flags = [
             "--listen",
             self.addresses[kind],
-            "--redis-url",
-            self.redis_url,
             "--namespace",
             self.namespace,
             "--model",
@@ -88,11 +130,21 @@ class LocalStack:
         if kind == "gateway":
             flags += ["--auditor-address", self.addresses["auditor"], "--http-listen", self.http_address]
         flags += self.extra_flags.get(kind, [])
-        log = open(self.log_path(kind), "ab")  # noqa: SIM115 - the child owns it
-        env = {**os.environ, **self.extra_env}
-        return subprocess.Popen(
-            [sys.executable, "-m", "seal.cli", "serve", kind, *flags], stdout=log, stderr=log, env=env
-        )
+        log_file = open(self.log_path(kind), "ab")  # noqa: SIM115 - the child owns it
+        # The Redis URL may carry a password: the environment keeps it out of `ps`.
+        env = {**os.environ, "SEAL_REDIS_URL": self.redis_url, **self.extra_env}
+        try:
+            # A session of its own: a terminal's Ctrl-C reaches `seal up` alone, which drains the
+            # children in order instead of all of them racing their own SIGINT.
+            return subprocess.Popen(
+                [sys.executable, "-m", "seal.cli", "serve", kind, *flags],
+                stdout=log_file,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
 
     def log_path(self, kind: str) -> Path:
         return self.data_dir / "logs" / f"{kind}.log"
@@ -114,6 +166,61 @@ class LocalStack:
                     raise TimeoutError(f"{kind} did not become healthy; see {self.log_path(kind)}")
                 time.sleep(0.3)
 
+    # --- supervision --------------------------------------------------------------------------
+
+    @property
+    def redis_process(self) -> subprocess.Popen[bytes] | None:
+        """The embedded redis-server (None with an external Redis)."""
+        return None if self._redis is None else self._redis.process
+
+    def restarts(self, name: str) -> int:
+        """How often the supervisor has restarted `name` (a service kind, or "redis")."""
+        tended = self._tended.get(name)
+        return 0 if tended is None else tended.restarts
+
+    def _start_supervisor(self) -> None:
+        names = [*SERVICE_KINDS, *(["redis"] if self._redis is not None else [])]
+        self._tended = {name: _Tended(self.restart_policy.first_delay_s) for name in names}
+        self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.25):
+            if self._redis is not None:
+                self._tend("redis", self._redis.process, self._redis.restart)
+            for kind in SERVICE_KINDS:
+                self._tend(kind, self.processes[kind], lambda kind=kind: self._respawn(kind))
+
+    def _respawn(self, kind: str) -> None:
+        self.processes[kind] = self._spawn(kind)
+
+    def _tend(self, name: str, proc: subprocess.Popen[bytes], restart: Callable[[], None]) -> None:
+        """Restart `name` once its backoff has passed, if it died; reset the backoff once it is stable."""
+        tended, policy, now = self._tended[name], self.restart_policy, time.monotonic()
+        if proc.poll() is None:
+            if now - tended.started_at >= policy.stable_after_s:
+                tended.delay_s = policy.first_delay_s
+            return
+        if tended.restart_at is None:
+            tended.restart_at = now + tended.delay_s
+            log.warning("%s exited with code %s; restarting in %.0f s", name, proc.returncode, tended.delay_s)
+            tended.delay_s = min(2 * tended.delay_s, policy.max_delay_s)
+            return
+        if now < tended.restart_at or self._stopping.is_set():
+            return
+        try:
+            restart()
+        except Exception as exc:  # noqa: BLE001 - a failed restart is retried after the next backoff
+            log.warning("%s did not restart (%s); trying again in %.0f s", name, exc, tended.delay_s)
+            tended.restart_at = time.monotonic() + tended.delay_s
+            tended.delay_s = min(2 * tended.delay_s, policy.max_delay_s)
+            return
+        tended.started_at, tended.restart_at = time.monotonic(), None
+        tended.restarts += 1
+        log.warning("%s restarted (restart %d)", name, tended.restarts)
+
+    # --- reports and shutdown -----------------------------------------------------------------
+
     def peak_rss_mb(self) -> dict[str, float]:
         """Each live service's peak resident memory so far (Linux VmHWM), in MiB."""
         peaks = {}
@@ -125,7 +232,10 @@ class LocalStack:
         return peaks
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM every service (they drain), then stop the embedded Redis."""
+        """Stop supervising, SIGTERM every service (they drain), then stop the embedded Redis."""
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join()
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -134,6 +244,7 @@ class LocalStack:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         if self._redis is not None:
             self._redis.stop()
             self._redis = None

@@ -75,9 +75,9 @@ def test_task_of_a_killed_student_is_reclaimed_and_the_job_completes(
         assert _pending(r, apply_stream) == 0
 
 
-def _pending(r: redis.Redis, stream: str) -> int:
+def _pending(r: redis.Redis, stream: str, group: str = "student") -> int:
     try:
-        return int(r.xpending(stream, "student")["pending"])
+        return int(r.xpending(stream, group)["pending"])
     except redis.ResponseError:  # the group does not exist yet
         return 0
 
