@@ -140,6 +140,21 @@ def namespace_keys(client: redis.Redis, namespace: str) -> int:
     return sum(1 for _ in client.scan_iter(f"{namespace}:*", count=1000))
 
 
+def key_census(client: redis.Redis, namespace: str) -> dict[str, dict[str, int]]:
+    """Keys of the namespace by kind (the part after the namespace), and how many never expire."""
+    census: dict[str, dict[str, int]] = {}
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.ttl(key)
+    for key, ttl in zip(keys, pipe.execute(), strict=True):
+        kind = key.decode().removeprefix(namespace + ":").split(":")[0]
+        entry = census.setdefault(kind, {"keys": 0, "without_ttl": 0})
+        entry["keys"] += 1
+        entry["without_ttl"] += int(ttl == -1)
+    return dict(sorted(census.items()))
+
+
 def submit_all(client: GatewayClient, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Submit every job at the same moment (one thread each, released together)."""
     gate = threading.Barrier(len(bodies))
@@ -286,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples = {kind: scrape_or_empty(metrics_at[kind]) for kind in SERVICE_KINDS}
         memory_after = int(client.info("memory")["used_memory"])
         keys_after = namespace_keys(client, namespace)
+        census = key_census(client, namespace)
         adapters_dir = stack.data_dir / "student" / "adapters"
         on_disk = (
             sum(1 for p in adapters_dir.iterdir() if SHA256.match(p.name)) if adapters_dir.is_dir() else 0
@@ -325,6 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "used_memory_after": memory_after,
             "namespace_keys_before": keys_before,
             "namespace_keys_after": keys_after,
+            "keys_after_by_kind": census,
             "embedded": not args.redis_url,
         },
         "services": {
