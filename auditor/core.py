@@ -14,9 +14,8 @@ from typing import Any
 from auditor.evaluation import anchor_accuracy, evaluate_document, load_adapter, unload_adapter
 from auditor.grading import accuracy, reward
 from auditor.guardrails import CheckResult, run_guardrails
-from seal.records import Document, QuestionScore, SelfEdit, Verdict, file_sha256
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
+from seal.records import Document, QuestionScore, SelfEdit, Verdict
 
 
 class AdapterMismatchError(ValueError):
@@ -45,11 +44,12 @@ def audit(
     cache them; they are computed here when missing. The base model is restored even on error.
     """
     started = time.perf_counter()
-    # Sign only for the bytes we actually evaluate: a swapped file must not inherit a verdict.
-    actual_sha = file_sha256(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    # Sign only for the files we actually evaluate (weights and config alike): a swapped or edited
+    # file must not inherit a verdict.
+    actual_sha = manifest_sha256(directory_manifest(Path(adapter_dir)))
     if actual_sha != adapter_sha256:
         raise AdapterMismatchError(
-            f"adapter in {adapter_dir} has sha256 {actual_sha}, but the request names {adapter_sha256}"
+            f"adapter in {adapter_dir} has manifest sha256 {actual_sha}, but the request names {adapter_sha256}"
         )
     if baseline_scores is None:
         baseline_scores = evaluate_document(base_model, tokenizer, doc, metric, max_new_tokens)
@@ -88,6 +88,10 @@ def audit(
         eval_seconds=time.perf_counter() - started,
         passed=gain > 0 and all(c.passed for c in checks),
         checks=tuple(format_check(c) for c in checks),
+        self_edit_sha256=self_edit_sha256(self_edit),
+        document_sha256=document_sha256(doc),
+        teacher_model=self_edit.teacher_model,
+        grading_metric=metric,
     )
 
 

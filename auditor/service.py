@@ -16,27 +16,32 @@ import grpc
 from auditor.core import audit
 from auditor.evaluation import anchor_accuracy, evaluate_document
 from auditor.grading import GRADING_METRICS
-from auditor.signing import VerdictSigner
-from seal import convert
+from seal import convert, metrics
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
 from seal.records import (
     AdapterRef,
+    Audited,
+    AuditResult,
+    AuditTask,
     Document,
+    Event,
     QuestionScore,
     SelfEdit,
     Verdict,
     from_dict,
     sha256_text,
-    to_dict,
     to_json,
 )
+from seal.registry import StudentRegistry
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
+from seal.signing import VerdictSigner
+from seal.tasks import decode, encode
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_document
 from seal.workplane import Task, WorkPlane
-from student.client import fetch_adapter
+from student.client import fetch_registered
 
 # Documents whose baseline answers are kept (a job's N + 1 adapters share one document's baseline).
 BASELINE_CACHE_SIZE = 256
@@ -50,13 +55,20 @@ class AuditorEngine:
     signer: VerdictSigner
     adapters_root: Path
     limits: Limits
+    plane: WorkPlane
     metric: str = "contains"
+    verdict_ttl_s: float = 30 * 24 * 3600.0
+    adapter_max_bytes: int = 512 * 1024 * 1024
+    adapter_max_files: int = 8
+    student_wait_s: float = 600.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Baseline answers depend only on the base model and the document: compute them once.
     _baselines: OrderedDict[str, list[QuestionScore]] = field(default_factory=OrderedDict)
     _anchor_before: float | None = None
 
-    def audit(self, doc: Document, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
+    def audit(self, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
+        """Score `adapter` on the questions the gateway registered for the self-edit's job and sign it."""
+        doc = load_document(self.plane, self_edit.job_id, self_edit.doc_index)
         validate_document(doc, self.limits, "document")
         if adapter.base_fingerprint != self.base_fingerprint:
             raise InvalidArgument(
@@ -68,7 +80,14 @@ class AuditorEngine:
             raise InvalidArgument(
                 "adapter.self_edit_id", f"is {adapter.self_edit_id!r}, self_edit.id is {self_edit.id!r}"
             )
-        adapter_dir = fetch_adapter(adapter.student_address, adapter.sha256, self.adapters_root)
+        adapter_dir = fetch_registered(
+            StudentRegistry(self.plane),
+            adapter,
+            self.adapters_root,
+            self.adapter_max_bytes,
+            self.adapter_max_files,
+            self.student_wait_s,
+        )
         with self.lock:
             baseline = self._baseline(doc)
             if self._anchor_before is None:
@@ -86,7 +105,7 @@ class AuditorEngine:
                 metric=self.metric,
                 anchor_before=self._anchor_before,
             )
-        return self.signer.sign(verdict)
+        return self.signer.sign(verdict, ttl_s=self.verdict_ttl_s)
 
     def _baseline(self, doc: Document) -> list[QuestionScore]:
         key = sha256_text(to_json(doc) + self.metric)
@@ -103,11 +122,10 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         self.engine = engine
 
     def AuditAdapter(self, request: auditor_pb2.AuditAdapterRequest, context: grpc.ServicerContext) -> Any:
-        for name in ("document", "self_edit", "adapter"):
+        for name in ("self_edit", "adapter"):
             if not request.HasField(name):
                 raise InvalidArgument(name, "is required")
         verdict = self.engine.audit(
-            convert.from_pb(Document, request.document),
             convert.from_pb(SelfEdit, request.self_edit),
             convert.from_pb(AdapterRef, request.adapter),
         )
@@ -131,25 +149,23 @@ def load_document(plane: WorkPlane, job_id: str, doc_index: int) -> Document:
     return from_dict(Document, documents[doc_index])
 
 
-def audit_handler(engine: AuditorEngine, plane: WorkPlane) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def audit_handler(engine: AuditorEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
-        self_edit = from_dict(SelfEdit, payload["self_edit"])
-        doc = load_document(plane, self_edit.job_id, self_edit.doc_index)
-        verdict = engine.audit(doc, self_edit, from_dict(AdapterRef, payload["adapter"]))
-        return {"verdict": to_dict(verdict)}
+        task = decode(AuditTask, payload)
+        if task.self_edit is None or task.adapter is None:
+            raise InvalidArgument("payload", "an audit task needs its self_edit and adapter")
+        verdict = engine.audit(task.self_edit, task.adapter)
+        metrics.verdict_signed(verdict.passed)
+        return encode(AuditResult(verdict=verdict))
 
     return handle
 
 
 def audit_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
-    verdict = result["verdict"]
-    event = {
-        "type": "verdict",
-        "job_id": verdict["job_id"],
-        "self_edit_id": verdict["self_edit_id"],
-        "verdict": verdict,
-    }
-    return [Task("events", f"verdict/{verdict['self_edit_id']}", event)]
+    verdict = decode(AuditResult, result).verdict
+    assert verdict is not None  # handle() always stores one
+    event = Event(job_id=verdict.job_id, audited=Audited(self_edit_id=verdict.self_edit_id, verdict=verdict))
+    return [Task("events", f"verdict/{verdict.self_edit_id}", encode(event))]
 
 
 def serve(config: ServiceConfig) -> ServiceProcess:
@@ -159,7 +175,8 @@ def serve(config: ServiceConfig) -> ServiceProcess:
             f"grading_metric must be one of {', '.join(GRADING_METRICS)}, got {config.grading_metric!r}"
         )
     model, tokenizer, _, fingerprint = load_base_model(config)
-    signer = VerdictSigner.load_or_create(config.data_dir / "auditor-ed25519.key")
+    signer = VerdictSigner.load_or_create(Path(config.signing_key or config.data_dir / "auditor-ed25519.key"))
+    plane = connect_plane(config)
     engine = AuditorEngine(
         model,
         tokenizer,
@@ -167,15 +184,21 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         signer,
         config.data_dir / "adapters",
         config.limits(),
+        plane,
         metric=config.grading_metric,
+        verdict_ttl_s=config.verdict_ttl_s,
+        adapter_max_bytes=config.adapter_max_bytes,
+        adapter_max_files=config.adapter_max_files,
+        student_wait_s=config.student_wait_s,
     )
-    plane = connect_plane(config)
-    worker = make_worker(config, plane, "audit", audit_handler(engine, plane), audit_followups)
+    worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
 
     def register(server: grpc.Server) -> list[str]:
         auditor_pb2_grpc.add_AuditorServicer_to_server(AuditorServicer(engine), server)
         return [auditor_pb2.DESCRIPTOR.services_by_name["Auditor"].full_name]
 
-    process = ServiceProcess("auditor", config.listen, register, [worker])
+    process = ServiceProcess(
+        "auditor", config.listen, register, [worker], metrics_listen=config.metrics_listen
+    )
     process.start()
     return process

@@ -5,19 +5,25 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from seal.errors import InvalidArgument
 from seal.records import (
     AdapterRef,
+    ApplyTask,
+    AuditTask,
     DocumentResult,
     EditFormat,
     EditResult,
+    Event,
     Job,
     JobSpec,
     JobState,
     Progress,
+    ProposeTask,
     SelfEdit,
     Verdict,
     from_dict,
 )
+from seal.tasks import TASK_TYPES, decode
 
 TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED)
 
@@ -101,9 +107,14 @@ def _document_result(doc_index: int, title: str, results: list[EditResult]) -> D
 
 
 def job_id_of_task(stream: str, payload: dict[str, Any]) -> str:
-    """The job a (dead-lettered) task belonged to, whatever its stream."""
-    if "job_id" in payload:
-        return str(payload["job_id"])
-    if "self_edit" in payload:
-        return str(payload["self_edit"]["job_id"])
+    """The job a (dead-lettered) task belonged to, whatever its stream; "" if it cannot be read."""
+    task_type = TASK_TYPES.get(stream)
+    try:
+        task = decode(task_type, payload) if task_type is not None else None
+    except InvalidArgument:
+        return ""
+    if isinstance(task, (ProposeTask, Event)):
+        return task.job_id
+    if isinstance(task, (ApplyTask, AuditTask)) and task.self_edit is not None:
+        return task.self_edit.job_id
     return ""

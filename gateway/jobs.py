@@ -23,6 +23,7 @@ from typing import Any
 from gateway.core import TERMINAL_STATES, assemble_job, expected_edits
 from seal.errors import InvalidArgument, NotFound
 from seal.records import Job, JobSpec, JobState, ProposeTask, to_dict
+from seal.tasks import encode
 from seal.workplane import Task, WorkPlane
 
 JOB_TTL_S = 30 * 24 * 3600
@@ -86,7 +87,7 @@ class JobStore:
                 sampling=spec.sampling,
                 passage_control=spec.passage_control,
             )
-            self.plane.enqueue(Task("propose", f"{job_id}/{doc_index}", to_dict(task)), pipeline=pipe)
+            self.plane.enqueue(Task("propose", f"{job_id}/{doc_index}", encode(task)), pipeline=pipe)
         pipe.execute()
         return self.get(job_id)
 

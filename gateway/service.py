@@ -6,16 +6,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import redis
+from grpc_health.v1 import health_pb2
 
-from gateway.api import GatewayApi
-from gateway.events import SigningKeys, auditor_key_fetcher, dead_letter_handler, event_handler
-from gateway.http import start_http
+from gateway.api import GatewayApi, RedisProbe, WatcherSlots
+from gateway.auth import Authenticator, BearerAuthInterceptor, add_intercepted_servicer, current_principal
+from gateway.events import dead_letter_handler, event_handler
+from gateway.http import HttpLimits, build_app, start_http
 from gateway.jobs import JobStore
 from seal import convert
 from seal.config import ServiceConfig
 from seal.records import Job, JobSpec
 from seal.runtime import connect_plane, make_worker
 from seal.server import ServiceProcess
+from seal.signing import load_trusted_keys
 from seal.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -24,13 +28,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.api = api
 
     def SubmitJob(self, request: gateway_pb2.JobSpec, context: grpc.ServicerContext) -> Any:
-        return _job_pb(self.api.submit(convert.from_pb(JobSpec, request)))
+        return _job_pb(self.api.submit(convert.from_pb(JobSpec, request), current_principal()))
 
     def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
-        return _job_pb(self.api.get(request.job_id))
+        return _job_pb(self.api.get(request.job_id, current_principal()))
 
     def WatchJob(self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
-        for job in self.api.watch(request.job_id, is_active=context.is_active):
+        for job in self.api.watch(request.job_id, current_principal(), is_active=context.is_active):
             yield _job_pb(job)
 
 
@@ -39,25 +43,66 @@ def _job_pb(job: Job) -> gateway_pb2.Job:
 
 
 def serve(config: ServiceConfig) -> ServiceProcess:
-    """Composition root: job store, signing keys, workers on seal:events and seal:dead, gRPC, HTTP."""
-    if not config.auditor_address:
-        raise ValueError("the gateway needs --auditor-address to verify verdict signatures")
+    """Composition root: job store, trusted auditor keys, workers on seal:events and seal:dead, gRPC, HTTP."""
+    if not config.trusted_keys:
+        raise ValueError(
+            "the gateway needs --trusted-keys: a file of the auditor public keys whose verdicts it "
+            "accepts (`seal keys KEY --trust FILE` makes a key and lists it)"
+        )
+    keys = load_trusted_keys(config.trusted_keys)
     plane = connect_plane(config)
     store = JobStore(plane)
-    keys = SigningKeys(auditor_key_fetcher(config.auditor_address))
-    api = GatewayApi(store, config.limits(), config.model)
+    authenticator = Authenticator.from_config(config.api_tokens)
+    api = GatewayApi(store, config.limits(), config.model, WatcherSlots(config.max_watchers))
     workers = [
         make_worker(config, plane, "events", event_handler(store, keys)),
         make_worker(config, plane, "dead", dead_letter_handler(store)),
     ]
 
     def register(server: grpc.Server) -> list[str]:
-        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(api), server)
+        add_intercepted_servicer(
+            gateway_pb2_grpc.add_GatewayServicer_to_server,
+            GatewayServicer(api),
+            server,
+            BearerAuthInterceptor(authenticator),
+        )
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
-    process = ServiceProcess("gateway", config.listen, register, workers)
+    process = ServiceProcess(
+        "gateway",
+        config.listen,
+        register,
+        workers,
+        metrics_listen=config.metrics_listen,
+        # A gRPC watcher holds a thread: room for every watcher, and unary calls still get 8.
+        max_rpc_threads=config.max_watchers + 8,
+    )
     process.start()
+    probe = RedisProbe(_probe_client(config), on_change=_health_setter(process)).start()
+    process.on_stop.append(probe.stop)
     if config.http_listen:
-        http = start_http(api, config.http_listen)
-        process.on_stop.append(http.shutdown)
+        limits = HttpLimits(
+            config.http_max_body_bytes, config.http_read_timeout_s, config.http_max_concurrency
+        )
+        app = build_app(api, authenticator, lambda: probe.serving, limits)
+        http = start_http(app, config.http_listen, limits)
+        process.on_stop.append(http.stop)
     return process
+
+
+def _probe_client(config: ServiceConfig) -> redis.Redis:
+    """A client of its own with short timeouts, so a Redis that hangs is found out within seconds."""
+    return redis.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _health_setter(process: ServiceProcess) -> Any:
+    service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+    def set_health(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", service):
+            process.health.set(name, status)
+
+    return set_health

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from importlib import resources
@@ -29,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack(args: argparse.Namespace):  # noqa: ANN202
+def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
     from seal.models import resolve_model
     from seal.stack import LocalStack
 
@@ -44,19 +45,36 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
         data_dir=Path(args.data_dir),
         redis_url=redis_url,
         threads=args.threads,
+        supervise=supervise,
     ).start()
 
 
+def _interrupt_once() -> None:
+    """SIGTERM or SIGINT raises KeyboardInterrupt once; later ones are ignored while the stack drains."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    stack = _stack(args)
-    print(json.dumps({"redis": stack.redis_url, **stack.addresses, "http": stack.http_address}, indent=2))
-    print(f"logs in {Path(args.data_dir) / 'logs'}; Ctrl-C stops the stack", flush=True)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="seal up: %(message)s")
+    _interrupt_once()  # from here on, a signal stops whatever has started (start() cleans up)
+    stack = _stack(args, supervise=True)
     try:
-        while all(p.poll() is None for p in stack.processes.values()):
-            time.sleep(1)
-        print("a service exited; stopping the stack", file=sys.stderr)
-        return 1
+        print(json.dumps({"redis": stack.redis_url, **stack.addresses, "http": stack.http_address}, indent=2))
+        print(f"logs in {Path(args.data_dir) / 'logs'}; Ctrl-C stops the stack", flush=True)
+        while True:  # the supervisor restarts whatever dies
+            time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping the stack…", file=sys.stderr, flush=True)
         return 0
     finally:
         stack.stop()
@@ -74,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     stack = None if args.gateway else _stack(args)
     try:
-        client = GatewayClient(args.gateway or stack.addresses["gateway"])  # type: ignore[union-attr]
+        client = GatewayClient(args.gateway or stack.addresses["gateway"], token=_token(args))  # type: ignore[union-attr]
         job = client.submit(spec)
         print(f"job {job.id}: {len(spec.documents)} passages × {spec.n_self_edits} self-edits", flush=True)
         job = watch_with_progress(client, job.id)
@@ -162,7 +180,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from gateway.api import parse_job_spec
     from gateway.client import GatewayClient
 
-    client = GatewayClient(args.gateway)
+    client = GatewayClient(args.gateway, token=_token(args))
     job = client.submit(parse_job_spec(json.loads(Path(args.file).read_text())))
     print(job.id)
     if args.watch:
@@ -171,12 +189,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str:
+    """The gateway API token: --token, else $SEAL_API_TOKEN, else none (an open gateway)."""
+    return str(args.token or os.environ.get("SEAL_API_TOKEN", ""))
+
+
+def _add_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default="", help="gateway API bearer token (default: $SEAL_API_TOKEN)")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway.client import GatewayClient
     from seal.records import to_json
 
-    job = GatewayClient(args.gateway).get(args.job_id)
+    job = GatewayClient(args.gateway, token=_token(args)).get(args.job_id)
     print(to_json(job) if args.json else render_table(job))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Make (or read) an auditor signing key and list its public key in a trusted-keys file."""
+    from seal.signing import VerdictSigner, trust_key
+
+    signer = VerdictSigner.load_or_create(Path(args.key))
+    if args.trust:
+        trust_key(args.trust, signer.public_key_bytes())
+    print(json.dumps({"key_id": signer.key_id, "key": args.key, "trusted_in": args.trust or None}))
     return 0
 
 
@@ -185,6 +223,20 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     path = resolve_model(args.model)
     print(json.dumps({"model": args.model, "path": str(path), "fingerprint": model_fingerprint(path)}))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from seal.tls import LOCAL_SERVICES, make_local_pki, tls_env
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise ValueError("--hosts needs at least one host name or address, e.g. localhost,127.0.0.1")
+    issued = make_local_pki(Path(args.out).resolve(), LOCAL_SERVICES, hosts)
+    print(f"# CA and certificates for {', '.join(hosts)} in {Path(args.out).resolve()}")
+    for name, tls in issued.items():
+        print(f"\n# {name}")
+        print("\n".join(f"{var}={value}" for var, value in tls_env(tls).items()))
     return 0
 
 
@@ -223,22 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--file", help="a job JSON instead of the bundled example")
             p.add_argument("--gateway", help="use a running gateway (host:port) instead of a local stack")
+            _add_token_flag(p)
 
     submit = sub.add_parser("submit", help="submit a job JSON to a gateway")
     submit.add_argument("file")
     submit.add_argument("--gateway", default=DEFAULT_GATEWAY)
     submit.add_argument("--watch", action="store_true")
+    _add_token_flag(submit)
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="show a job")
     status.add_argument("job_id")
     status.add_argument("--gateway", default=DEFAULT_GATEWAY)
     status.add_argument("--json", action="store_true")
+    _add_token_flag(status)
     status.set_defaults(func=cmd_status)
+
+    keys = sub.add_parser(
+        "keys",
+        help="make an auditor signing key (kept if it exists) and add its public key to a trusted-keys file",
+    )
+    keys.add_argument("key", help="the auditor's private key file (PEM; made with mode 0600 if missing)")
+    keys.add_argument("--trust", default="", help="trusted-keys JSON file of the gateway to add it to")
+    keys.set_defaults(func=cmd_keys)
 
     model = sub.add_parser("model", help="fetch and cache a model; print its path and fingerprint")
     model.add_argument("--model", default=DEFAULT_MODEL)
     model.set_defaults(func=cmd_model)
+
+    certs = sub.add_parser("certs", help="make a CA and per-service mTLS certificates; print settings")
+    certs.add_argument("--out", required=True, help="directory of ca.pem, <service>.pem/.key (kept)")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses, comma-separated")
+    certs.set_defaults(func=cmd_certs)
     return parser
 
 

@@ -49,8 +49,6 @@ class ServiceConfig:
     """Teacher with backend=openai: API key (prefer the SEAL_OPENAI_API_KEY variable)."""
     http_listen: str = "127.0.0.1:8080"
     """Gateway: HTTP/JSON listen address (empty disables HTTP)."""
-    auditor_address: str = ""
-    """Gateway: the auditor's gRPC address, to fetch its verdict-signing key."""
     grading_metric: str = "contains"
     """Auditor: what makes an answer correct (contains, exact_match, f1)."""
     visibility_timeout_s: float = 120.0

@@ -3,11 +3,14 @@
 Records and messages share field names, so one pair of generic functions does the work (like TGI's
 from_pb / to_pb, without a hand-written pair per message). Rules:
 - an unset optional field, an unset message and an empty repeated field take the record's default;
-- enums map by name: EditFormat.SELF_QA <-> EDIT_FORMAT_SELF_QA; *_UNSPECIFIED takes the default.
+- enums map by name: EditFormat.SELF_QA <-> EDIT_FORMAT_SELF_QA; *_UNSPECIFIED takes the default,
+  and a number the enum does not define is InvalidArgument naming the field;
+- bytes fields are base64 text in records (records travel as JSON).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import re
@@ -16,6 +19,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from seal.errors import InvalidArgument
 from seal.records import field_types, optional_inner
 
 T = TypeVar("T")
@@ -80,7 +84,13 @@ def _from_scalar_or_message(tp: Any, fd: Any, value: Any) -> Any:
     if fd.message_type is not None:
         return from_pb(tp, value)
     if fd.enum_type is not None:
-        return _enum_member(tp, fd.enum_type.values_by_number[value].name, _DEFAULT)
+        known = fd.enum_type.values_by_number.get(value)
+        if known is None:
+            names = ", ".join(v.name for v in fd.enum_type.values)
+            raise InvalidArgument(fd.name, f"enum value {value} is not one of {names}")
+        return _enum_member(tp, known.name, _DEFAULT)
+    if fd.type == fd.TYPE_BYTES:
+        return base64.b64encode(value).decode()
     return value
 
 
@@ -107,6 +117,8 @@ def _fill(msg: Message, record: Any) -> None:
 def _to_scalar(fd: Any, value: Any) -> Any:
     if fd.enum_type is not None:
         return fd.enum_type.values_by_name[_enum_prefix(type(value)) + value.name].number
+    if fd.type == fd.TYPE_BYTES:
+        return base64.b64decode(value, validate=True)
     return value
 
 

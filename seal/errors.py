@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import redis
 
 from seal.models import UnknownModelError
 
@@ -23,11 +24,29 @@ class NotFound(PermanentError, LookupError):
     """The named thing (job, adapter) does not exist here."""
 
 
+class Unauthenticated(Exception):
+    """No credentials, or credentials nobody issued (a missing or unknown API token)."""
+
+
+class PermissionDenied(Exception):
+    """Authenticated, but the caller's role does not allow this."""
+
+
+class ResourceExhausted(Exception):
+    """A bounded resource is full (e.g. the gateway's watchers); retry later."""
+
+
 # Exception type -> (gRPC status, HTTP status). Checked in order, so subclasses come first.
 ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (UnknownModelError, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (NotFound, grpc.StatusCode.NOT_FOUND, 404),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    # Redis does not answer (down, restarting, still loading its data): the request may be retried.
+    (redis.ConnectionError, grpc.StatusCode.UNAVAILABLE, 503),
+    (redis.TimeoutError, grpc.StatusCode.UNAVAILABLE, 503),
 )
 
 

@@ -146,8 +146,17 @@ class SelfEdit:
 
 
 @dataclass(frozen=True)
+class AdapterFile:
+    """One file of an adapter directory with its digest (an entry of the adapter's manifest)."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class AdapterRef:
-    """A trained LoRA adapter, addressed by the sha256 of its safetensors file."""
+    """A trained LoRA adapter, addressed by the sha256 of its manifest (every file, not just weights)."""
 
     sha256: str
     self_edit_id: str
@@ -157,7 +166,9 @@ class AdapterRef:
     train_seconds: float
     steps: int
     final_loss: float
-    student_address: str = ""
+    # The registered student that trained it; its address is looked up, never carried.
+    student_id: str = ""
+    files: tuple[AdapterFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,7 @@ class QuestionScore:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The auditor's signed judgement of one adapter against τ."""
+    """The auditor's signed judgement of one adapter against τ (see seal.signing for what binds it)."""
 
     job_id: str
     doc_index: int
@@ -190,6 +201,14 @@ class Verdict:
     checks: tuple[str, ...] = ()
     auditor_key_id: str = ""
     signature: str = ""
+    self_edit_sha256: str = ""
+    document_sha256: str = ""
+    teacher_model: str = ""
+    grading_metric: str = ""
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+    # Base64 of the signed VerdictStatement bytes (bytes fields are base64 text in records).
+    statement: str = ""
 
     def failed_checks(self) -> tuple[str, ...]:
         """Names of the guardrail checks that failed (checks read "name:pass" or "name:fail:detail")."""
@@ -197,11 +216,62 @@ class Verdict:
             name for name, outcome, *_ in (c.split(":", 2) for c in self.checks) if outcome != "pass"
         )
 
-    def signing_payload(self) -> bytes:
-        """The canonical bytes the signature covers: every field but the signature itself."""
-        data = to_dict(self)
-        data.pop("signature")
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+# --- work-plane payloads (seal/v1/tasks.proto; encoded by seal.tasks) --------------------------------
+
+
+@dataclass(frozen=True)
+class ProposeResult:
+    self_edits: tuple[SelfEdit, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApplyTask:
+    self_edit: SelfEdit | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    adapter: AdapterRef | None = None
+
+
+@dataclass(frozen=True)
+class AuditTask:
+    self_edit: SelfEdit | None = None
+    adapter: AdapterRef | None = None
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    verdict: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class Proposed:
+    doc_index: int = 0
+    self_edits: tuple[SelfEdit, ...] = ()
+
+
+@dataclass(frozen=True)
+class Trained:
+    self_edit_id: str = ""
+    adapter: AdapterRef | None = None
+
+
+@dataclass(frozen=True)
+class Audited:
+    self_edit_id: str = ""
+    verdict: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a service reports to the gateway: exactly one of proposed, trained, audited."""
+
+    job_id: str = ""
+    proposed: Proposed | None = None
+    trained: Trained | None = None
+    audited: Audited | None = None
 
 
 @dataclass(frozen=True)
@@ -337,6 +407,26 @@ def _build(tp: Any, data: Any, path: str) -> Any:
             return tp(**{k: _build(hints[k], v, prefix + k) for k, v in data.items()})
         except TypeError as exc:  # a required field is missing
             raise RecordError(path, str(exc)) from None
-    if tp is float and isinstance(data, int):
+    return _scalar(tp, data, path)
+
+
+def _scalar(tp: Any, data: Any, path: str) -> Any:
+    """A JSON scalar checked against its field type: "false" is not a bool, 1.5 not an int."""
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise RecordError(path, f"must be true or false, got {data!r}")
+    elif tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise RecordError(path, f"must be an integer, got {data!r}")
+    elif tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise RecordError(path, f"must be a number, got {data!r}")
         return float(data)
+    elif tp is str:
+        if not isinstance(data, str):
+            raise RecordError(path, f"must be a string, got {data!r}")
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError(path, "must be valid Unicode text (it holds a lone surrogate)") from None
     return data

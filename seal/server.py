@@ -15,7 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from seal import metrics
 from seal.errors import status_of
+from seal.tls import TlsFiles, server_credentials
 from seal.workplane import Worker
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class ServiceProcess:
     max_rpc_threads: int = 8
     on_bound: Callable[[int], None] | None = None
     """Called with the bound port before any worker starts (a worker may need its own address)."""
+    tls: TlsFiles | None = None
+    """Serve mutual TLS with these files (clients need a certificate from the same CA); None: plaintext."""
+    metrics_listen: str = ""
+    """Also serve Prometheus /metrics on this host:port; empty: none (the metrics are still kept)."""
 
     def start(self) -> int:
         self.server = grpc.server(
@@ -95,7 +101,10 @@ class ServiceProcess:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(self.listen)
+        else:
+            self.port = self.server.add_secure_port(self.listen, server_credentials(self.tls))
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.listen}")
         if self.on_bound is not None:
@@ -107,6 +116,7 @@ class ServiceProcess:
         ]
         for t in self.threads:
             t.start()
+        self.on_stop.append(metrics.expose(self.name, self.metrics_listen, self.workers))
         for service in ["", *names]:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"service": self.name, "port": self.port, "workers": len(self.workers)})

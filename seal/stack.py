@@ -103,6 +103,7 @@ class LocalStack:
                 # Persistent: AOF and password under the data dir, so a restart of Redis loses nothing.
                 self._redis = start_redis(data_dir=self.data_dir / "redis")
                 self.redis_url = self._redis.url
+            self._make_keys()
             for kind in SERVICE_KINDS:
                 self.processes[kind] = self._spawn(kind)
             deadline = time.monotonic() + timeout_s
@@ -114,6 +115,19 @@ class LocalStack:
         if self.supervise:
             self._start_supervisor()
         return self
+
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "auditor" / "auditor-ed25519.key"
+
+    def trusted_keys_path(self) -> Path:
+        return self.data_dir / "gateway" / "trusted-keys.json"
+
+    def _make_keys(self) -> None:
+        """The auditor's signing key and the gateway's trust in it: made once, kept across restarts."""
+        from seal.signing import VerdictSigner, trust_key
+
+        signer = VerdictSigner.load_or_create(self.signing_key_path())
+        trust_key(self.trusted_keys_path(), signer.public_key_bytes())
 
     def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
         flags = [
@@ -128,7 +142,9 @@ class LocalStack:
         ]
         flags += ["--threads", str(self.threads or default_threads())]
         if kind == "gateway":
-            flags += ["--auditor-address", self.addresses["auditor"], "--http-listen", self.http_address]
+            flags += ["--trusted-keys", str(self.trusted_keys_path()), "--http-listen", self.http_address]
+        if kind == "auditor":
+            flags += ["--signing-key", str(self.signing_key_path())]
         flags += self.extra_flags.get(kind, [])
         log_file = open(self.log_path(kind), "ab")  # noqa: SIM115 - the child owns it
         # The Redis URL may carry a password: the environment keeps it out of `ps`.

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from seal.errors import InvalidArgument
 from seal.records import Document, EditFormat, JobSpec, LoraSettings, SamplingSettings
 
+# The linear layers LoRA may target in the Llama-family models seal serves (SmolLM2, Qwen2.5, Llama):
+# checked at the front door, so a typo fails the request instead of the student, minutes later.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -47,8 +51,14 @@ def validate_lora(lora: LoraSettings, prefix: str = "lora") -> None:
     check_int_range(f"{prefix}.batch_size", lora.batch_size, 1, 256)
     check_int_range(f"{prefix}.max_seq_len", lora.max_seq_len, 16, 8192)
     check_int_range(f"{prefix}.seed", lora.seed, 0, 2**31 - 1)
-    if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
+    if not lora.target_modules:
         raise InvalidArgument(f"{prefix}.target_modules", "must list at least one module name, e.g. q_proj")
+    unknown = [m for m in lora.target_modules if m not in TARGET_MODULES]
+    if unknown:
+        raise InvalidArgument(
+            f"{prefix}.target_modules",
+            f"unknown module(s) {unknown}; choose from {', '.join(TARGET_MODULES)}",
+        )
 
 
 def validate_sampling(sampling: SamplingSettings, prefix: str = "sampling") -> None:

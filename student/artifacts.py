@@ -2,9 +2,11 @@
 
 An adapter directory is what `PeftModel.save_pretrained` writes (adapter_model.safetensors and a
 PEFT-compatible adapter_config.json) plus provenance.json saying how it was made. It lives at
-adapters_root/<sha256 of adapter_model.safetensors>/. Every write goes to a hidden staging
-directory inside adapters_root and appears with one atomic rename, so readers never see half an
-adapter; a directory that already exists is kept, since equal names mean equal weights.
+adapters_root/<manifest sha256>/, the digest of every file's name, sha256 and size
+(`seal.digests.manifest_sha256`): editing the rank in adapter_config.json changes the address as
+surely as editing a weight. Every write goes to a hidden staging directory inside adapters_root and
+appears with one atomic rename, so readers never see half an adapter; a directory that already
+exists is kept, since equal names mean equal files.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from seal.records import file_sha256
+from seal.digests import directory_manifest, manifest_sha256
+from seal.records import AdapterFile
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,13 +33,16 @@ STAGING_PREFIX = ".staging-"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def save_adapter(peft_model: Any, adapters_root: Path, provenance: dict) -> tuple[str, Path]:
-    """Write the adapter (safetensors + config + provenance) under its sha256; returns (sha256, path)."""
+def save_adapter(
+    peft_model: Any, adapters_root: Path, provenance: dict
+) -> tuple[str, Path, tuple[AdapterFile, ...]]:
+    """Write the adapter (safetensors + config + provenance); returns (manifest sha256, path, manifest)."""
     with _staging_dir(adapters_root) as staging:
         peft_model.save_pretrained(staging, safe_serialization=True)
         (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        sha = file_sha256(staging / ADAPTER_WEIGHTS)
-        return sha, _publish(staging, adapter_path(adapters_root, sha))
+        files = directory_manifest(staging)
+        sha = manifest_sha256(files)
+        return sha, _publish(staging, adapter_path(adapters_root, sha)), files
 
 
 def adapter_path(adapters_root: Path, sha256: str) -> Path:
@@ -46,12 +52,13 @@ def adapter_path(adapters_root: Path, sha256: str) -> Path:
     return adapters_root / sha256
 
 
-def verify_adapter(path: Path) -> str:
-    """Recompute the sha256 of the adapter's weights; raise ValueError unless it matches the dir name."""
-    sha = file_sha256(path / ADAPTER_WEIGHTS)
+def verify_adapter(path: Path) -> tuple[AdapterFile, ...]:
+    """Recompute the adapter's manifest; raise ValueError unless its digest matches the dir name."""
+    files = directory_manifest(path)
+    sha = manifest_sha256(files)
     if sha != path.name:
-        raise ValueError(f"adapter at {path} is corrupt: its weights hash to {sha}")
-    return sha
+        raise ValueError(f"adapter at {path} is corrupt or altered: its files hash to {sha}")
+    return files
 
 
 def iter_adapter_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterator[tuple[str, int, bytes]]:
@@ -68,21 +75,58 @@ def iter_adapter_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterator[tuple
                 offset += len(data)
 
 
+class TransferLimitError(ValueError):
+    """An adapter transfer larger than the receiver accepts."""
+
+
 def write_adapter_chunks(
-    chunks: Iterable[tuple[str, int, bytes]], adapters_root: Path, expected_sha256: str
+    chunks: Iterable[tuple[str, int, bytes]],
+    adapters_root: Path,
+    expected_sha256: str,
+    max_bytes: int = 512 * 1024 * 1024,
+    max_files: int = 8,
 ) -> Path:
-    """Reassemble an adapter sent by `iter_adapter_chunks`, verify its sha256, then publish it atomically."""
+    """Reassemble an adapter sent by `iter_adapter_chunks` within the byte and file caps, verify its
+    manifest digest, then publish it atomically. Nothing of a refused transfer stays on disk."""
     final = adapter_path(adapters_root, expected_sha256)
     with _staging_dir(adapters_root) as staging:
+        names: set[str] = set()
+        total = 0
         for name, offset, data in chunks:
+            names.add(name)
+            total += len(data)
+            if len(names) > max_files:
+                raise TransferLimitError(f"adapter transfer has more than {max_files} files")
+            if total > max_bytes:
+                raise TransferLimitError(f"adapter transfer exceeds {max_bytes} bytes")
             _append_chunk(staging, name, offset, data)
         for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             if not (staging / required).is_file():
                 raise ValueError(f"adapter transfer is missing {required}")
-        sha = file_sha256(staging / ADAPTER_WEIGHTS)
+        sha = manifest_sha256(directory_manifest(staging))
         if sha != expected_sha256:
-            raise ValueError(f"adapter transfer is corrupt: expected sha256 {expected_sha256}, got {sha}")
+            raise ValueError(f"adapter transfer is corrupt: expected manifest {expected_sha256}, got {sha}")
         return _publish(staging, final)
+
+
+def list_adapters(adapters_root: Path) -> list[Path]:
+    """Published adapter directories, oldest first."""
+    if not adapters_root.is_dir():
+        return []
+    found = [p for p in adapters_root.iterdir() if p.is_dir() and _SHA256.fullmatch(p.name)]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def prune_adapters(adapters_root: Path, keep: int) -> list[str]:
+    """Delete the oldest adapters beyond the newest `keep` (0 keeps all); returns the removed digests."""
+    if keep <= 0:
+        return []
+    adapters = list_adapters(adapters_root)
+    removed = []
+    for path in adapters[: max(0, len(adapters) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def _append_chunk(staging: Path, name: str, offset: int, data: bytes) -> None:
@@ -115,7 +159,7 @@ def _publish(staging: Path, final: Path) -> Path:
     try:
         os.rename(staging, final)
     except OSError:
-        # Another writer published the same sha256 first (ENOTEMPTY / EEXIST): its bytes are ours.
+        # Another writer published the same digest first (ENOTEMPTY / EEXIST): its bytes are ours.
         if not (final / ADAPTER_WEIGHTS).is_file():
             raise
     return final

@@ -11,8 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from seal import metrics
 from seal.records import AdapterRef, SelfEdit
-from student.artifacts import ADAPTER_WEIGHTS, save_adapter
+from student.artifacts import save_adapter
 from student.sequences import build_training_texts, training_data_sha256
 from student.training import release_adapter, train_adapter
 
@@ -24,12 +25,13 @@ def apply_self_edit(
     base_model_name: str,
     base_fingerprint: str,
     adapters_root: Path,
-    student_address: str = "",
+    student_id: str = "",
     on_step: Callable[[int, float], None] | None = None,
 ) -> AdapterRef:
     """Train a LoRA on the self-edit, save it content addressed, and restore the base model."""
     texts = build_training_texts(self_edit)
     peft_model, stats = train_adapter(model, tokenizer, texts, self_edit.lora, on_step=on_step)
+    metrics.training_done(stats.steps, stats.seconds)
     try:
         final_loss = stats.losses[-1] if stats.losses else 0.0
         provenance = {
@@ -48,7 +50,7 @@ def apply_self_edit(
             "train_seconds": stats.seconds,
             "created_at": time.time(),
         }
-        sha, path = save_adapter(peft_model, adapters_root, provenance)
+        sha, _, files = save_adapter(peft_model, adapters_root, provenance)
     finally:
         # Even if saving fails, the shared base model must go back to serving the next self-edit.
         release_adapter(peft_model)
@@ -57,9 +59,10 @@ def apply_self_edit(
         self_edit_id=self_edit.id,
         base_model=base_model_name,
         base_fingerprint=base_fingerprint,
-        size_bytes=(path / ADAPTER_WEIGHTS).stat().st_size,
+        size_bytes=sum(f.size for f in files),
         train_seconds=stats.seconds,
         steps=stats.steps,
         final_loss=final_loss,
-        student_address=student_address,
+        student_id=student_id,
+        files=files,
     )

@@ -3,6 +3,7 @@ serves the adapters' bytes to other hosts (FetchAdapter)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,14 +15,20 @@ import grpc
 from seal import convert
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
-from seal.records import AdapterRef, SelfEdit, from_dict, to_dict
+from seal.records import AdapterRef, ApplyResult, ApplyTask, AuditTask, Event, SelfEdit, Trained
+from seal.registry import StudentRegistry, student_id_for
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
+from seal.tasks import decode, encode
 from seal.v1 import student_pb2, student_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_lora, validate_passage
 from seal.workplane import Task
-from student.artifacts import adapter_path, iter_adapter_chunks
+from student.artifacts import adapter_path, iter_adapter_chunks, list_adapters, prune_adapters
 from student.core import apply_self_edit
+from student.sequences import build_training_texts
+from student.training import tokenize_texts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,22 +41,46 @@ class StudentEngine:
     base_fingerprint: str
     adapters_root: Path
     limits: Limits
-    address: str = ""
+    student_id: str = ""
+    max_train_tokens: int = 2_000_000
+    retention: int = 0
+    registry: StudentRegistry | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def apply(self, self_edit: SelfEdit, on_step: Callable[[int, float], None] | None = None) -> AdapterRef:
         validate_passage(self_edit.passage.title, self_edit.passage.context, self.limits, "self_edit.passage")
         validate_lora(self_edit.lora, "self_edit.lora")
+        self.check_budget(self_edit)
         with self.lock:
-            return apply_self_edit(
+            adapter = apply_self_edit(
                 self.model,
                 self.tokenizer,
                 self_edit,
                 base_model_name=self.base_model_name,
                 base_fingerprint=self.base_fingerprint,
                 adapters_root=self.adapters_root,
-                student_address=self.address,
+                student_id=self.student_id,
                 on_step=on_step,
+            )
+            for sha in prune_adapters(self.adapters_root, self.retention):
+                if self.registry is not None:
+                    self.registry.remove_holder(sha, self.student_id)
+        if self.registry is not None:
+            self.registry.add_holder(adapter.sha256, self.student_id)
+        return adapter
+
+    def check_budget(self, self_edit: SelfEdit) -> None:
+        """Refuse an update whose compute (epochs x training tokens) exceeds the configured budget."""
+        sequences = tokenize_texts(
+            self.tokenizer, build_training_texts(self_edit), self_edit.lora.max_seq_len
+        )
+        cost = self_edit.lora.epochs * sum(len(s) for s in sequences)
+        if cost > self.max_train_tokens:
+            raise InvalidArgument(
+                "self_edit.lora.epochs",
+                f"this update costs {cost} token-epochs ({self_edit.lora.epochs} epochs x "
+                f"{cost // self_edit.lora.epochs} tokens), over this student's budget of "
+                f"{self.max_train_tokens}; use fewer epochs or a shorter self-edit",
             )
 
     def adapter_dir(self, sha256: str) -> Path:
@@ -82,45 +113,83 @@ class StudentServicer(student_pb2_grpc.StudentServicer):
 
 def apply_handler(engine: StudentEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
-        adapter = engine.apply(from_dict(SelfEdit, payload["self_edit"]))
-        return {"adapter": to_dict(adapter)}
+        return encode(ApplyResult(adapter=engine.apply(_required(decode(ApplyTask, payload).self_edit))))
 
     return handle
 
 
 def apply_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
-    """Hand the adapter to the auditor, and tell the gateway it was trained."""
-    se = payload["self_edit"]
-    event = {
-        "type": "trained",
-        "job_id": se["job_id"],
-        "self_edit_id": se["id"],
-        "adapter": result["adapter"],
-    }
+    """Tell the gateway the adapter was trained, and hand it to the auditor."""
+    se = _required(decode(ApplyTask, payload).self_edit)
+    adapter = decode(ApplyResult, result).adapter
+    event = Event(job_id=se.job_id, trained=Trained(self_edit_id=se.id, adapter=adapter))
+    # The event first: the gateway must know the adapter before the auditor's verdict names it.
     return [
-        Task("audit", se["id"], {"self_edit": se, "adapter": result["adapter"]}),
-        Task("events", f"trained/{se['id']}", event),
+        Task("events", f"trained/{se.id}", encode(event)),
+        Task("audit", se.id, encode(AuditTask(self_edit=se, adapter=adapter))),
     ]
 
 
+def _required(self_edit: SelfEdit | None) -> SelfEdit:
+    if self_edit is None:
+        raise InvalidArgument("self_edit", "is required")
+    return self_edit
+
+
+def keep_registered(
+    registry: StudentRegistry, engine: StudentEngine, address: str, stop: threading.Event
+) -> threading.Thread:
+    """Register this student and every adapter it holds, then renew the entry until `stop`."""
+    for path in list_adapters(engine.adapters_root):
+        registry.add_holder(path.name, engine.student_id)
+
+    def renew() -> None:
+        while True:
+            try:
+                registry.register(engine.student_id, address)
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep trying, the entry just lapses
+                log.warning("student registration failed", extra={"error": str(exc)})
+            if stop.wait(registry.ttl_s / 3):
+                break
+        registry.unregister(engine.student_id)
+
+    thread = threading.Thread(target=renew, name="student-registration", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(config: ServiceConfig) -> ServiceProcess:
-    """Composition root: load the base model, start the gRPC server and the seal:apply worker."""
+    """Composition root: load the base model, register, start the gRPC server and the seal:apply worker."""
     model, tokenizer, _, fingerprint = load_base_model(config)
+    plane = connect_plane(config)
+    registry = StudentRegistry(plane)
     engine = StudentEngine(
-        model, tokenizer, config.model, fingerprint, config.data_dir / "adapters", config.limits()
+        model,
+        tokenizer,
+        config.model,
+        fingerprint,
+        config.data_dir / "adapters",
+        config.limits(),
+        student_id=student_id_for(config.data_dir),
+        max_train_tokens=config.max_train_tokens,
+        retention=config.adapter_retention,
+        registry=registry,
     )
     engine.adapters_root.mkdir(parents=True, exist_ok=True)
-    plane = connect_plane(config)
     worker = make_worker(config, plane, "apply", apply_handler(engine), apply_followups)
 
     def register(server: grpc.Server) -> list[str]:
         student_pb2_grpc.add_StudentServicer_to_server(StudentServicer(engine), server)
         return [student_pb2.DESCRIPTOR.services_by_name["Student"].full_name]
 
-    def advertise(port: int) -> None:
-        # Adapters name the address they can be fetched from: set it before the worker trains any.
-        engine.address = config.advertised(port)
+    process = ServiceProcess(
+        "student", config.listen, register, [worker], metrics_listen=config.metrics_listen
+    )
 
-    process = ServiceProcess("student", config.listen, register, [worker], on_bound=advertise)
+    def advertise(port: int) -> None:
+        # Register before the worker trains anything, so every adapter's student can be found.
+        keep_registered(registry, engine, config.advertised(port), process.stop_event)
+
+    process.on_bound = advertise
     process.start()
     return process

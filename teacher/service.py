@@ -13,9 +13,10 @@ import grpc
 from seal import convert
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument
-from seal.records import EditFormat, ProposeTask, SelfEdit, from_dict, to_dict
+from seal.records import ApplyTask, EditFormat, Event, Proposed, ProposeResult, ProposeTask, SelfEdit
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
+from seal.tasks import decode, encode
 from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
 from seal.validation import Limits, check_int_range, validate_lora, validate_passage, validate_sampling
 from seal.workplane import Task
@@ -70,23 +71,20 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
 def propose_handler(engine: TeacherEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
-        edits = engine.propose(from_dict(ProposeTask, payload))
-        return {"self_edits": [to_dict(e) for e in edits]}
+        edits = engine.propose(decode(ProposeTask, payload))
+        return encode(ProposeResult(tuple(edits)))
 
     return handle
 
 
 def propose_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
-    """One apply task per self-edit, and a "proposed" event for the gateway."""
-    tasks = [Task("apply", se["id"], {"self_edit": se}) for se in result["self_edits"]]
-    event = {
-        "type": "proposed",
-        "job_id": payload["job_id"],
-        "doc_index": payload["doc_index"],
-        "self_edits": result["self_edits"],
-    }
-    tasks.append(Task("events", f"proposed/{payload['job_id']}/{payload['doc_index']}", event))
-    return tasks
+    """A "proposed" event for the gateway, then one apply task per self-edit."""
+    task = decode(ProposeTask, payload)
+    edits = decode(ProposeResult, result).self_edits
+    event = Event(job_id=task.job_id, proposed=Proposed(doc_index=task.doc_index, self_edits=edits))
+    # The event first: the gateway must know each self-edit before a verdict names it.
+    tasks = [Task("events", f"proposed/{task.job_id}/{task.doc_index}", encode(event))]
+    return tasks + [Task("apply", se.id, encode(ApplyTask(self_edit=se))) for se in edits]
 
 
 def build_generator(config: ServiceConfig) -> Generator:
@@ -118,6 +116,8 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         teacher_pb2_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
         return [teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name]
 
-    process = ServiceProcess("teacher", config.listen, register, [worker])
+    process = ServiceProcess(
+        "teacher", config.listen, register, [worker], metrics_listen=config.metrics_listen
+    )
     process.start()
     return process

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from seal.v1 import types_pb2 as seal_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/auditor.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\x86\x01\n\x13\x41uditAdapterRequest\x12#\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x11.seal.v1.Document\x12$\n\tself_edit\x18\x02 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12$\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x13.seal.v1.AdapterRef\"\x16\n\x14GetSigningKeyRequest\"C\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\talgorithm\x18\x03 \x01(\t2\x8e\x01\n\x07\x41uditor\x12>\n\x0c\x41uditAdapter\x12\x1c.seal.v1.AuditAdapterRequest\x1a\x10.seal.v1.Verdict\x12\x43\n\rGetSigningKey\x12\x1d.seal.v1.GetSigningKeyRequest\x1a\x13.seal.v1.SigningKeyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/auditor.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"q\n\x13\x41uditAdapterRequest\x12$\n\tself_edit\x18\x02 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12$\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x13.seal.v1.AdapterRefJ\x04\x08\x01\x10\x02R\x08\x64ocument\"\x16\n\x14GetSigningKeyRequest\"C\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\talgorithm\x18\x03 \x01(\t2\x8e\x01\n\x07\x41uditor\x12>\n\x0c\x41uditAdapter\x12\x1c.seal.v1.AuditAdapterRequest\x1a\x10.seal.v1.Verdict\x12\x43\n\rGetSigningKey\x12\x1d.seal.v1.GetSigningKeyRequest\x1a\x13.seal.v1.SigningKeyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seal.v1.auditor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDITADAPTERREQUEST']._serialized_start=56
-  _globals['_AUDITADAPTERREQUEST']._serialized_end=190
-  _globals['_GETSIGNINGKEYREQUEST']._serialized_start=192
-  _globals['_GETSIGNINGKEYREQUEST']._serialized_end=214
-  _globals['_SIGNINGKEY']._serialized_start=216
-  _globals['_SIGNINGKEY']._serialized_end=283
-  _globals['_AUDITOR']._serialized_start=286
-  _globals['_AUDITOR']._serialized_end=428
+  _globals['_AUDITADAPTERREQUEST']._serialized_start=55
+  _globals['_AUDITADAPTERREQUEST']._serialized_end=168
+  _globals['_GETSIGNINGKEYREQUEST']._serialized_start=170
+  _globals['_GETSIGNINGKEYREQUEST']._serialized_end=192
+  _globals['_SIGNINGKEY']._serialized_start=194
+  _globals['_SIGNINGKEY']._serialized_end=261
+  _globals['_AUDITOR']._serialized_start=264
+  _globals['_AUDITOR']._serialized_end=406
 # @@protoc_insertion_point(module_scope)

@@ -19,13 +19,14 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class AuditAdapterRequest(_message.Message):
+    """The auditor scores the questions the gateway registered for self_edit.job_id (read from the work
+    plane, never from the caller) and fetches the adapter from a registered student.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    DOCUMENT_FIELD_NUMBER: _builtins.int
     SELF_EDIT_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def document(self) -> _types_pb2.Document: ...
     @_builtins.property
     def self_edit(self) -> _types_pb2.SelfEdit: ...
     @_builtins.property
@@ -33,13 +34,12 @@ class AuditAdapterRequest(_message.Message):
     def __init__(
         self,
         *,
-        document: _types_pb2.Document | None = ...,
         self_edit: _types_pb2.SelfEdit | None = ...,
         adapter: _types_pb2.AdapterRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "document", b"document", "self_edit", b"self_edit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "document", b"document", "self_edit", b"self_edit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

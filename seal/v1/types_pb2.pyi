@@ -283,8 +283,60 @@ class SelfEdit(_message.Message):
 Global___SelfEdit: _TypeAlias = SelfEdit  # noqa: Y015
 
 @_typing.final
+class AdapterFile(_message.Message):
+    """One file of an adapter directory and its digest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    sha256: _builtins.str
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterFile: _TypeAlias = AdapterFile  # noqa: Y015
+
+@_typing.final
+class AdapterManifest(_message.Message):
+    """Every file of an adapter, sorted by name. The adapter's address is the sha256 of this message
+    serialized deterministically, so weights, adapter_config.json (rank, alpha, targets) and provenance
+    are all covered: changing any byte of any file changes the address.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterFile]: ...
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[Global___AdapterFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterManifest: _TypeAlias = AdapterManifest  # noqa: Y015
+
+@_typing.final
 class AdapterRef(_message.Message):
-    """A trained adapter, addressed by the sha256 of its safetensors file."""
+    """A trained LoRA adapter, addressed by the sha256 of its manifest."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -296,8 +348,10 @@ class AdapterRef(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     FINAL_LOSS_FIELD_NUMBER: _builtins.int
-    STUDENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    STUDENT_ID_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
+    """sha256 of the AdapterManifest of `files`."""
     self_edit_id: _builtins.str
     base_model: _builtins.str
     base_fingerprint: _builtins.str
@@ -305,8 +359,12 @@ class AdapterRef(_message.Message):
     train_seconds: _builtins.float
     steps: _builtins.int
     final_loss: _builtins.float
-    student_address: _builtins.str
-    """Where the adapter's bytes can be fetched (Student.FetchAdapter)."""
+    student_id: _builtins.str
+    """The registered student that trained it (the auditor resolves its address in the registry;
+    no address carried in a message is ever dialled).
+    """
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterFile]: ...
     def __init__(
         self,
         *,
@@ -318,11 +376,12 @@ class AdapterRef(_message.Message):
         train_seconds: _builtins.float = ...,
         steps: _builtins.int = ...,
         final_loss: _builtins.float = ...,
-        student_address: _builtins.str = ...,
+        student_id: _builtins.str = ...,
+        files: _abc.Iterable[Global___AdapterFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "base_model", b"base_model", "final_loss", b"final_loss", "self_edit_id", b"self_edit_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "steps", b"steps", "student_address", b"student_address", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "base_model", b"base_model", "files", b"files", "final_loss", b"final_loss", "self_edit_id", b"self_edit_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "steps", b"steps", "student_id", b"student_id", "train_seconds", b"train_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,8 +425,102 @@ class QuestionScore(_message.Message):
 Global___QuestionScore: _TypeAlias = QuestionScore  # noqa: Y015
 
 @_typing.final
+class VerdictStatement(_message.Message):
+    """What the auditor signs: everything a verifier must check, bound to one job, one self-edit, one
+    adapter and the exact questions scored. Serialized deterministically into Verdict.statement; the
+    signature covers those bytes, so a verifier in any language checks the bytes it received, then
+    parses them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DOC_INDEX_FIELD_NUMBER: _builtins.int
+    SELF_EDIT_ID_FIELD_NUMBER: _builtins.int
+    SELF_EDIT_SHA256_FIELD_NUMBER: _builtins.int
+    DOCUMENT_SHA256_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
+    GRADING_METRIC_FIELD_NUMBER: _builtins.int
+    BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
+    ADAPTED_ACCURACY_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    BASELINE_SCORES_FIELD_NUMBER: _builtins.int
+    ADAPTED_SCORES_FIELD_NUMBER: _builtins.int
+    EVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    AUDITOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    doc_index: _builtins.int
+    self_edit_id: _builtins.str
+    self_edit_sha256: _builtins.str
+    """sha256 of the SelfEdit message (deterministic serialization): its text, lines and directives."""
+    document_sha256: _builtins.str
+    """sha256 of the Document message (title, context, questions and answers) that was scored."""
+    adapter_sha256: _builtins.str
+    """The adapter's manifest digest (AdapterRef.sha256)."""
+    base_fingerprint: _builtins.str
+    teacher_model: _builtins.str
+    """The teacher policy (model and version) that wrote the self-edit."""
+    grading_metric: _builtins.str
+    baseline_accuracy: _builtins.float
+    adapted_accuracy: _builtins.float
+    reward: _builtins.float
+    eval_seconds: _builtins.float
+    passed: _builtins.bool
+    auditor_key_id: _builtins.str
+    issued_at: _builtins.float
+    """Unix seconds."""
+    expires_at: _builtins.float
+    @_builtins.property
+    def baseline_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
+    @_builtins.property
+    def adapted_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every guardrail result: "name:pass" or "name:fail:detail"."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        doc_index: _builtins.int = ...,
+        self_edit_id: _builtins.str = ...,
+        self_edit_sha256: _builtins.str = ...,
+        document_sha256: _builtins.str = ...,
+        adapter_sha256: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        teacher_model: _builtins.str = ...,
+        grading_metric: _builtins.str = ...,
+        baseline_accuracy: _builtins.float = ...,
+        adapted_accuracy: _builtins.float = ...,
+        reward: _builtins.float = ...,
+        baseline_scores: _abc.Iterable[Global___QuestionScore] | None = ...,
+        adapted_scores: _abc.Iterable[Global___QuestionScore] | None = ...,
+        eval_seconds: _builtins.float = ...,
+        passed: _builtins.bool = ...,
+        checks: _abc.Iterable[_builtins.str] | None = ...,
+        auditor_key_id: _builtins.str = ...,
+        issued_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "teacher_model", b"teacher_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictStatement: _TypeAlias = VerdictStatement  # noqa: Y015
+
+@_typing.final
 class Verdict(_message.Message):
-    """The auditor's signed judgement of one adapter against τ."""
+    """The auditor's signed judgement of one adapter against τ: the statement's fields for reading, the
+    statement bytes that were signed, and the signature.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -386,6 +539,13 @@ class Verdict(_message.Message):
     CHECKS_FIELD_NUMBER: _builtins.int
     AUDITOR_KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    SELF_EDIT_SHA256_FIELD_NUMBER: _builtins.int
+    DOCUMENT_SHA256_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
+    GRADING_METRIC_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     self_edit_id: _builtins.str
@@ -398,7 +558,15 @@ class Verdict(_message.Message):
     passed: _builtins.bool
     auditor_key_id: _builtins.str
     signature: _builtins.str
-    """Hex Ed25519 signature over the canonical JSON of every other field."""
+    """Hex Ed25519 signature over `statement`."""
+    self_edit_sha256: _builtins.str
+    document_sha256: _builtins.str
+    teacher_model: _builtins.str
+    grading_metric: _builtins.str
+    issued_at: _builtins.float
+    expires_at: _builtins.float
+    statement: _builtins.bytes
+    """VerdictStatement, serialized deterministically: the signed bytes."""
     @_builtins.property
     def baseline_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     @_builtins.property
@@ -423,10 +591,17 @@ class Verdict(_message.Message):
         checks: _abc.Iterable[_builtins.str] | None = ...,
         auditor_key_id: _builtins.str = ...,
         signature: _builtins.str = ...,
+        self_edit_sha256: _builtins.str = ...,
+        document_sha256: _builtins.str = ...,
+        teacher_model: _builtins.str = ...,
+        grading_metric: _builtins.str = ...,
+        issued_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
+        statement: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "signature", b"signature", "statement", b"statement", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from gateway.jobs import JOB_TTL_S, MAX_PAGE, JobStore
 from seal.errors import InvalidArgument, NotFound
-from seal.records import QA, Document, JobSpec, JobState, ProposeTask, from_json
+from seal.records import QA, Document, JobSpec, JobState, ProposeTask
+from seal.tasks import decode
 
 SPEC = JobSpec(
     documents=(Document("A", "Alpha is a town.", (QA("What is Alpha?", "a town"),)),) * 2, n_self_edits=2
@@ -19,7 +21,7 @@ def test_submission_stores_the_job_and_one_propose_task_per_document(plane) -> N
     job = JobStore(plane).create(SPEC)
     assert job.state == JobState.QUEUED
     entries = plane.redis.xrange(plane.stream_key("propose"))
-    tasks = [from_json(ProposeTask, fields[b"payload"]) for _, fields in entries]
+    tasks = [decode(ProposeTask, json.loads(fields[b"payload"])) for _, fields in entries]
     assert [(t.job_id, t.doc_index, t.n, t.passage_control) for t in tasks] == [
         (job.id, 0, 2, True),
         (job.id, 1, 2, True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import time
@@ -16,9 +17,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from auditor.signing import verify_verdict
 from gateway.client import GatewayClient
-from seal.records import EditFormat, Job, JobState, file_sha256, from_dict, to_dict
+from seal.digests import manifest_sha256
+from seal.records import EditFormat, Job, JobState, from_dict, to_dict
+from seal.registry import StudentRegistry
+from seal.signing import verify_verdict
 from seal.stack import LocalStack
 from seal.v1 import (
     auditor_pb2,
@@ -28,6 +31,7 @@ from seal.v1 import (
     student_pb2,
     student_pb2_grpc,
 )
+from seal.workplane import WorkPlane
 from tests.integration.waiting import wait_finished
 
 SMALL_JOB = {
@@ -103,11 +107,15 @@ def test_verdicts_carry_the_auditors_valid_signature(stack: LocalStack, finished
     assert not verify_verdict(forged, key.public_key)
 
 
-def test_adapter_bytes_travel_over_grpc_and_match_their_sha(
+def test_adapter_bytes_travel_over_grpc_from_the_registered_student_and_match_their_manifest(
     stack: LocalStack, finished_job: Job, tmp_path: Path
 ) -> None:
     adapter = finished_job.documents[0].edits[0].adapter
-    with grpc.insecure_channel(adapter.student_address) as channel:
+    registry = StudentRegistry(WorkPlane(redis.Redis.from_url(stack.redis_url), stack.namespace))
+    address = registry.address(adapter.student_id)
+    assert address == stack.addresses["student"]  # the adapter names an id; the registry has the address
+    assert adapter.student_id in registry.holders(adapter.sha256)
+    with grpc.insecure_channel(address) as channel:
         chunks = list(
             student_pb2_grpc.StudentStub(channel).FetchAdapter(
                 student_pb2.FetchAdapterRequest(sha256=adapter.sha256)
@@ -115,9 +123,11 @@ def test_adapter_bytes_travel_over_grpc_and_match_their_sha(
         )
     files = {c.filename for c in chunks}
     assert {"adapter_model.safetensors", "adapter_config.json", "provenance.json"} <= files
-    weights = b"".join(c.data for c in chunks if c.filename == "adapter_model.safetensors")
-    (tmp_path / "w").write_bytes(weights)
-    assert file_sha256(tmp_path / "w") == adapter.sha256
+    assert {f.name for f in adapter.files} == files
+    assert manifest_sha256(adapter.files) == adapter.sha256
+    for f in adapter.files:
+        data = b"".join(c.data for c in chunks if c.filename == f.name)
+        assert hashlib.sha256(data).hexdigest() == f.sha256 and len(data) == f.size
     provenance = json.loads(b"".join(c.data for c in chunks if c.filename == "provenance.json"))
     assert provenance["self_edit_id"] == adapter.self_edit_id
     assert provenance["base_fingerprint"] == adapter.base_fingerprint

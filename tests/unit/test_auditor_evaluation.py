@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from auditor.evaluation import (
     unload_adapter,
 )
 from auditor.grading import grade_answer
+from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
 from seal.models import load_model
 from seal.records import QA, Document, EditFormat, LoraSettings, SelfEdit
 
@@ -108,8 +108,7 @@ def _make_adapter(model_dir: Path, out_dir: Path, seed: int) -> tuple[Path, str]
     torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(out_dir)
-    sha = hashlib.sha256((out_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
-    return out_dir, sha
+    return out_dir, manifest_sha256(directory_manifest(out_dir))
 
 
 @pytest.fixture()
@@ -196,6 +195,13 @@ def test_audit_end_to_end_fields_are_consistent(tiny_model, adapter) -> None:
 
     assert (verdict.job_id, verdict.doc_index, verdict.self_edit_id) == ("job-1", 3, "edit-7")
     assert (verdict.adapter_sha256, verdict.base_fingerprint) == (adapter[1], "f" * 64)
+    # Bound to what was judged: the self-edit's and the questions' digests, the teacher, the grader.
+    assert verdict.self_edit_sha256 == self_edit_sha256(_self_edit(_AUDIT_DOC))
+    assert verdict.document_sha256 == document_sha256(_AUDIT_DOC)
+    assert (verdict.teacher_model, verdict.grading_metric) == (
+        _self_edit(_AUDIT_DOC).teacher_model,
+        "contains",
+    )
     assert len(verdict.baseline_scores) == len(verdict.adapted_scores) == len(_AUDIT_DOC.questions)
     assert [s.question for s in verdict.adapted_scores] == [q.question for q in _AUDIT_DOC.questions]
     assert verdict.baseline_accuracy == sum(s.correct for s in verdict.baseline_scores) / 2
@@ -268,3 +274,16 @@ def test_audit_refuses_an_adapter_whose_hash_does_not_match(tiny_model, adapter)
     wrong = (adapter[0], "0" * 64)
     with pytest.raises(AdapterMismatchError, match="sha256"):
         _audit(model, tokenizer, wrong)
+
+
+def test_audit_refuses_an_adapter_whose_config_was_edited(tiny_model, adapter) -> None:
+    """The foundation addressed only the weights: a raised lora_alpha kept the same digest."""
+    import json
+
+    model, tokenizer = tiny_model
+    config_path = adapter[0] / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["lora_alpha"] *= 16
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterMismatchError, match="manifest sha256"):
+        _audit(model, tokenizer, adapter)

@@ -9,6 +9,7 @@ import pytest
 from seal.convert import enum_from_pb, from_pb, to_pb
 from seal.records import (
     QA,
+    AdapterFile,
     AdapterRef,
     Document,
     DocumentResult,
@@ -70,7 +71,11 @@ ADAPTER = AdapterRef(
     train_seconds=20.5,
     steps=10,
     final_loss=0.125,
-    student_address="student:50051",
+    student_id="student-host-1",
+    files=(
+        AdapterFile("adapter_model.safetensors", "cd" * 32, 123),
+        AdapterFile("adapter_config.json", "ef" * 32, 45),
+    ),
 )
 SCORE = QuestionScore("Where?", "Velmora", "In Velmora.", False, 0.5, True, True)
 VERDICT = Verdict(
@@ -322,3 +327,25 @@ def test_edit_result_without_adapter_or_verdict_leaves_them_unset():
     assert not msg.HasField("adapter") and not msg.HasField("verdict")
     back = from_pb(EditResult, msg)
     assert back.adapter is None and back.verdict is None
+
+
+def test_an_enum_number_the_contract_does_not_define_is_invalid_argument_naming_the_field():
+    """The foundation raised KeyError here, which reached callers as INTERNAL."""
+    from seal.errors import InvalidArgument
+    from seal.v1 import gateway_pb2
+
+    msg = gateway_pb2.JobSpec(edit_format=99)
+    with pytest.raises(InvalidArgument) as info:
+        from_pb(JobSpec, msg)
+    assert info.value.field == "edit_format" and "EDIT_FORMAT_REWRITE" in str(info.value)
+
+
+def test_bytes_fields_are_base64_text_in_records():
+    import base64
+
+    from seal.v1 import types_pb2
+
+    verdict = dataclasses.replace(VERDICT, statement=base64.b64encode(b"\x00signed\xff").decode())
+    msg = to_pb(verdict, types_pb2.Verdict)
+    assert msg.statement == b"\x00signed\xff"
+    assert from_pb(Verdict, msg) == verdict

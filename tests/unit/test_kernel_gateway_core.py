@@ -17,9 +17,12 @@ from seal.errors import InvalidArgument
 from seal.records import (
     QA,
     AdapterRef,
+    ApplyTask,
+    AuditTask,
     Document,
     EditFormat,
     EditResult,
+    Event,
     Job,
     JobSpec,
     JobState,
@@ -29,12 +32,14 @@ from seal.records import (
     QuestionScore,
     SamplingSettings,
     SelfEdit,
+    Trained,
     Verdict,
     from_json,
     sha256_text,
     to_dict,
     to_json,
 )
+from seal.tasks import encode
 from seal.v1 import gateway_pb2
 from seal.validation import Limits, validate_job_spec
 
@@ -314,12 +319,14 @@ def test_assembled_job_survives_json_and_proto():
     "stream, payload, expected",
     [
         ("propose", {"job_id": "j1", "doc_index": 0, "passage": {"title": "t", "context": "c"}}, "j1"),
-        ("apply", {"self_edit": to_dict(_edit(0, 1))}, JOB_ID),
-        ("audit", {"self_edit": to_dict(_edit(1, -1)), "adapter": to_dict(_adapter(_edit(1, -1)))}, JOB_ID),
-        ("events", {"type": "trained", "job_id": "j2", "self_edit_id": "x"}, "j2"),
-        ("events", {"job_id": 7}, "7"),
+        ("apply", encode(ApplyTask(self_edit=_edit(0, 1))), JOB_ID),
+        ("audit", encode(AuditTask(self_edit=_edit(1, -1), adapter=_adapter(_edit(1, -1)))), JOB_ID),
+        ("events", encode(Event(job_id="j2", trained=Trained(self_edit_id="x"))), "j2"),
+        ("events", {"job_id": 7}, ""),  # not an Event message: unreadable, names no job
+        ("events", {"type": "trained", "job_id": "j2"}, ""),  # a field Event does not have
         ("apply", {}, ""),
         ("audit", {"adapter": {"self_edit_id": "x"}}, ""),
+        ("unknown", {"job_id": "j3"}, ""),
     ],
 )
 def test_job_id_of_task(stream, payload, expected):
@@ -421,12 +428,12 @@ def test_parse_rejects_malformed_bodies_naming_the_field(body, field, says):
     "lora, field",
     [
         ({"rank": 0}, "lora.rank"),
-        ({"rank": "8"}, "lora.rank"),
-        ({"learning_rate": True}, "lora.learning_rate"),
+        ({"rank": 300}, "lora.rank"),
+        ({"learning_rate": 0.5}, "lora.learning_rate"),
     ],
 )
 def test_parsed_bad_values_are_caught_by_validation(lora, field):
-    """parse_job_spec checks shape only; validate_job_spec then names the bad value."""
+    """parse_job_spec checks shape and types; validate_job_spec then names a value out of range."""
     spec = parse_job_spec({"documents": [DOC_JSON], "lora": lora})
     with pytest.raises(InvalidArgument) as info:
         validate_job_spec(spec, Limits(), "smollm2-135m")
@@ -464,3 +471,14 @@ def test_a_verdict_that_failed_only_forgetting_still_ranks():
     ]
     assert best_self_edit(edits) == forgetful.id
     assert edits[0].verdict.failed_checks() == ("forgetting",)
+
+
+@pytest.mark.parametrize(
+    "lora, field",
+    [({"rank": "8"}, "lora.rank"), ({"learning_rate": True}, "lora.learning_rate")],
+)
+def test_values_of_the_wrong_type_are_refused_at_parse_time(lora, field):
+    """A string for a number or a bool for a float is refused before validation (types are strict)."""
+    with pytest.raises(InvalidArgument) as info:
+        parse_job_spec({"documents": [DOC_JSON], "lora": lora})
+    assert info.value.field == field

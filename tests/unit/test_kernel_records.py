@@ -10,6 +10,7 @@ import pytest
 
 from seal.records import (
     QA,
+    AdapterFile,
     AdapterRef,
     Document,
     DocumentResult,
@@ -22,6 +23,7 @@ from seal.records import (
     Passage,
     Progress,
     QuestionScore,
+    RecordError,
     SamplingSettings,
     SelfEdit,
     Verdict,
@@ -72,7 +74,11 @@ ADAPTER = AdapterRef(
     train_seconds=20.5,
     steps=10,
     final_loss=0.125,
-    student_address="student:50051",
+    student_id="student-host-1",
+    files=(
+        AdapterFile("adapter_model.safetensors", "cd" * 32, 123),
+        AdapterFile("adapter_config.json", "ef" * 32, 45),
+    ),
 )
 SCORE = QuestionScore(
     question="Where?",
@@ -245,7 +251,7 @@ def test_bad_enum_value_is_a_value_error():
         from_dict(JobSpec, {"edit_format": "summary"})
 
 
-# --- Verdict.signing_payload ---------------------------------------------------------------------
+# --- the signed statement (seal.signing.statement_of) ----------------------------------------------
 
 _CHANGED = {
     "job_id": "job-2",
@@ -262,38 +268,72 @@ _CHANGED = {
     "passed": False,
     "checks": ("fingerprint",),
     "auditor_key_id": "key-2",
+    "self_edit_sha256": "12" * 32,
+    "document_sha256": "34" * 32,
+    "teacher_model": "policy-v2",
+    "grading_metric": "f1",
+    "issued_at": 5.0,
+    "expires_at": 6.0,
 }
 
 
-def test_every_verdict_field_but_the_signature_is_covered_by_the_table():
-    """The table below changes every signed field, so a new Verdict field must be added to it."""
+def test_every_verdict_field_but_the_signature_and_statement_is_covered_by_the_table():
+    """The table changes every signed field, so a new Verdict field must be added to it (and signed)."""
     names = {f.name for f in dataclasses.fields(Verdict)}
-    assert set(_CHANGED) == names - {"signature"}
+    assert set(_CHANGED) == names - {"signature", "statement"}
 
 
 @pytest.mark.parametrize("name, value", list(_CHANGED.items()), ids=list(_CHANGED))
-def test_signing_payload_changes_when_any_signed_field_changes(name, value):
+def test_statement_changes_when_any_signed_field_changes(name, value):
     """Tampering with any field but the signature changes the bytes the signature covers."""
+    from seal.signing import statement_of
+
     assert getattr(VERDICT, name) != value
-    assert dataclasses.replace(VERDICT, **{name: value}).signing_payload() != VERDICT.signing_payload()
+    changed = statement_of(dataclasses.replace(VERDICT, **{name: value}))
+    assert changed.SerializeToString(deterministic=True) != statement_of(VERDICT).SerializeToString(
+        deterministic=True
+    )
 
 
-def test_signing_payload_excludes_the_signature():
-    """Re-signing (a new signature) does not change the payload; the payload holds no signature."""
-    resigned = dataclasses.replace(VERDICT, signature="0123")
-    assert resigned.signing_payload() == VERDICT.signing_payload()
-    payload = json.loads(VERDICT.signing_payload())
-    assert "signature" not in payload
-    assert set(payload) == {f.name for f in dataclasses.fields(Verdict)} - {"signature"}
+def test_statement_ignores_the_signature_and_survives_the_json_round_trip():
+    from seal.signing import statement_of
+
+    resigned = dataclasses.replace(VERDICT, signature="0123", statement="AAAA")
+    assert statement_of(resigned) == statement_of(VERDICT)
+    assert statement_of(from_json(Verdict, to_json(VERDICT))) == statement_of(VERDICT)
 
 
-def test_signing_payload_is_canonical_compact_sorted_json():
-    """Bytes are the compact, key-sorted JSON of the record less the signature."""
-    data = to_dict(VERDICT)
-    del data["signature"]
-    expected = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    assert VERDICT.signing_payload() == expected
-    assert from_json(Verdict, to_json(VERDICT)).signing_payload() == expected
+# --- strict decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        ({"passage_control": "false"}, "passage_control"),
+        ({"n_self_edits": "3"}, "n_self_edits"),
+        ({"n_self_edits": 2.5}, "n_self_edits"),
+        ({"n_self_edits": True}, "n_self_edits"),
+        ({"lora": {"learning_rate": "0.001"}}, "lora.learning_rate"),
+        ({"model": 7}, "model"),
+        ({"documents": [{"title": "\ud800", "context": "c"}]}, "documents[0].title"),
+        ({"lora": {"target_modules": [1]}}, "lora.target_modules[0]"),
+    ],
+    ids=[
+        "bool-as-string",
+        "int-as-string",
+        "int-as-float",
+        "int-as-bool",
+        "float-as-string",
+        "str-as-int",
+        "lone-surrogate",
+        "list-item",
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_with_their_path(data, path):
+    """A JSON value of the wrong type never reaches validation or a queue (it used to raise later)."""
+    with pytest.raises(RecordError) as info:
+        from_dict(JobSpec, data)
+    assert info.value.path == path
 
 
 # --- Passage.digest ------------------------------------------------------------------------------

@@ -116,6 +116,7 @@ LORA_BAD = [
     ("target_modules", (), "q_proj"),
     ("target_modules", ("q_proj", ""), "q_proj"),
     ("target_modules", ("q_proj", 3), "q_proj"),
+    ("target_modules", ("nope_proj",), "unknown module"),
 ]
 
 

@@ -39,16 +39,18 @@ def test_a_configured_redis_that_does_not_answer_is_an_error(tmp_path: Path) -> 
     assert stack.processes == {}
 
 
-def test_auditor_baseline_cache_reuses_and_stays_bounded(tiny_model, tmp_path: Path, monkeypatch) -> None:
+def test_auditor_baseline_cache_reuses_and_stays_bounded(
+    tiny_model, tmp_path: Path, monkeypatch, plane
+) -> None:
     import auditor.service
     from auditor.service import AuditorEngine
-    from auditor.signing import VerdictSigner
     from seal.records import QA, Document
+    from seal.signing import VerdictSigner
     from seal.validation import Limits
 
     monkeypatch.setattr(auditor.service, "BASELINE_CACHE_SIZE", 2)
     model, tokenizer = tiny_model
-    engine = AuditorEngine(model, tokenizer, "f" * 64, VerdictSigner.generate(), tmp_path, Limits())
+    engine = AuditorEngine(model, tokenizer, "f" * 64, VerdictSigner.generate(), tmp_path, Limits(), plane)
     docs = [Document(f"T{i}", "c", (QA("q?", "a"),)) for i in range(3)]
     first = engine._baseline(docs[0])
     assert engine._baseline(docs[0]) is first  # computed once per document
@@ -57,3 +59,31 @@ def test_auditor_baseline_cache_reuses_and_stays_bounded(tiny_model, tmp_path: P
     engine._baseline(docs[2])  # evicts docs[1], the least recent
     assert len(engine._baselines) == 2
     assert engine._baseline(docs[0]) is first
+
+
+def test_the_student_refuses_an_update_over_its_compute_budget(tiny_model, tmp_path: Path) -> None:
+    """epochs x training tokens is bounded by config, before any training starts."""
+    from seal.errors import InvalidArgument
+    from seal.records import EditFormat, LoraSettings, Passage, SelfEdit
+    from seal.validation import Limits
+    from student.service import StudentEngine
+
+    model, tokenizer = tiny_model
+    edit = SelfEdit(
+        "e1",
+        "j1",
+        0,
+        0,
+        EditFormat.IMPLICATIONS,
+        Passage("T", "Alpha is a town."),
+        "x",
+        ("Alpha is big.",),
+        LoraSettings(epochs=3, rank=4),
+    )
+    engine = StudentEngine(model, tokenizer, "tiny", "f" * 64, tmp_path, Limits(), max_train_tokens=10)
+    with pytest.raises(InvalidArgument, match="budget of 10;") as info:
+        engine.apply(edit)
+    assert info.value.field == "self_edit.lora.epochs"
+    assert not any(tmp_path.iterdir())  # nothing was trained or saved
+    engine.max_train_tokens = 10**6
+    assert engine.apply(edit).steps == 6  # 2 sequences x 3 epochs: within budget it trains

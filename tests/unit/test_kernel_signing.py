@@ -1,4 +1,4 @@
-"""Verdict signing: sign/verify round trip, tamper evidence, key files."""
+"""Verdict signing: sign/verify round trip, tamper evidence, binding to what was judged, trusted keys, key files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from auditor.signing import VerdictSigner, key_id_of, verify_verdict
 from seal.records import QuestionScore, Verdict, from_json, to_json
+from seal.signing import (
+    Expected,
+    TrustedKeys,
+    VerdictRejected,
+    VerdictSigner,
+    check_verdict,
+    key_id_of,
+    load_trusted_keys,
+    trust_key,
+    verify_verdict,
+)
+from seal.v1 import types_pb2
+
+NOW = 1_800_000_000.0
 
 
 def _verdict() -> Verdict:
@@ -32,7 +45,24 @@ def _verdict() -> Verdict:
         eval_seconds=1.5,
         passed=True,
         checks=("tau_leak:pass",),
+        self_edit_sha256="11" * 32,
+        document_sha256="22" * 32,
+        teacher_model="smollm2-135m@abc",
+        grading_metric="contains",
     )
+
+
+def _expected(**overrides) -> Expected:
+    values = dict(
+        job_id="job-1",
+        doc_index=0,
+        self_edit_id="edit-1",
+        self_edit_sha256="11" * 32,
+        document_sha256="22" * 32,
+        adapter_sha256="ab" * 32,
+        base_fingerprint="cd" * 32,
+    )
+    return Expected(**{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +81,10 @@ def test_sign_then_verify(signer: VerdictSigner) -> None:
 
 def test_sign_leaves_the_input_alone_and_is_deterministic(signer: VerdictSigner) -> None:
     verdict = _verdict()
-    signed = signer.sign(verdict)
+    signed = signer.sign(verdict, now=NOW)
     assert verdict.signature == "" and verdict.auditor_key_id == ""
-    assert signer.sign(verdict) == signed  # Ed25519 signatures are deterministic
-    assert signer.sign(signed) == signed  # re-signing a signed verdict ignores the old signature
+    assert signer.sign(verdict, now=NOW) == signed  # Ed25519 signatures are deterministic
+    assert signer.sign(signed, now=NOW) == signed  # re-signing a signed verdict ignores the old signature
 
 
 def _replace_response(v: Verdict) -> Verdict:
@@ -72,9 +102,26 @@ def _replace_response(v: Verdict) -> Verdict:
         lambda v: dataclasses.replace(v, adapter_sha256="00" * 32),
         lambda v: dataclasses.replace(v, checks=()),
         lambda v: dataclasses.replace(v, job_id="job-2"),
+        lambda v: dataclasses.replace(v, self_edit_sha256="33" * 32),
+        lambda v: dataclasses.replace(v, document_sha256="44" * 32),
+        lambda v: dataclasses.replace(v, expires_at=v.expires_at + 1e9),
+        lambda v: dataclasses.replace(v, teacher_model="someone-else"),
         _replace_response,
     ],
-    ids=["reward", "adapted_accuracy", "baseline_accuracy", "passed", "adapter", "checks", "job", "response"],
+    ids=[
+        "reward",
+        "adapted_accuracy",
+        "baseline_accuracy",
+        "passed",
+        "adapter",
+        "checks",
+        "job",
+        "self_edit_text",
+        "questions",
+        "expiry",
+        "teacher",
+        "response",
+    ],
 )
 def test_any_tampered_field_fails_verification(signer: VerdictSigner, tamper) -> None:
     signed = signer.sign(_verdict())
@@ -152,3 +199,82 @@ def test_rejects_key_files_that_are_not_ed25519(tmp_path: Path) -> None:
     junk.write_bytes(b"not a key")
     with pytest.raises(ValueError, match="neither"):
         VerdictSigner.load_or_create(junk)
+
+
+def test_statement_is_the_signed_proto_a_verifier_in_any_language_parses(signer: VerdictSigner) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    signed = signer.sign(_verdict(), ttl_s=60, now=NOW)
+    statement = base64.b64decode(signed.statement)
+    # What any verifier does: check the signature over the bytes it received, then parse them.
+    Ed25519PublicKey.from_public_bytes(signer.public_key_bytes()).verify(
+        bytes.fromhex(signed.signature), statement
+    )
+    parsed = types_pb2.VerdictStatement.FromString(statement)
+    assert (parsed.job_id, parsed.self_edit_id, parsed.adapter_sha256) == ("job-1", "edit-1", "ab" * 32)
+    assert (parsed.self_edit_sha256, parsed.document_sha256) == ("11" * 32, "22" * 32)
+    assert (parsed.issued_at, parsed.expires_at) == (NOW, NOW + 60)
+    assert list(parsed.checks) == ["tau_leak:pass"] and parsed.auditor_key_id == signer.key_id
+    assert parsed.SerializeToString(deterministic=True) == statement
+
+
+def test_check_verdict_accepts_only_what_the_verifier_recorded(signer: VerdictSigner) -> None:
+    signed = signer.sign(_verdict(), ttl_s=60, now=NOW)
+    keys = TrustedKeys.of(signer.public_key_bytes())
+    assert check_verdict(signed, keys, _expected(), now=NOW + 1).reward == 1.0
+    cases = {
+        "wrong_job": _expected(job_id="job-2"),
+        "wrong_self_edit": _expected(self_edit_sha256="99" * 32),
+        "wrong_questions": _expected(document_sha256="99" * 32),
+        "wrong_adapter": _expected(adapter_sha256="99" * 32),
+        "wrong_base": _expected(base_fingerprint="99" * 32),
+    }
+    for code, expected in cases.items():
+        with pytest.raises(VerdictRejected) as info:
+            check_verdict(signed, keys, expected, now=NOW + 1)
+        assert info.value.code == code
+    with pytest.raises(VerdictRejected) as info:
+        check_verdict(signed, keys, _expected(), now=NOW + 61)
+    assert info.value.code == "expired"
+
+
+def test_unknown_keys_are_refused_and_rotated_keys_stay_verifiable(tmp_path: Path) -> None:
+    old, new, stranger = VerdictSigner.generate(), VerdictSigner.generate(), VerdictSigner.generate()
+    trusted = tmp_path / "trusted.json"
+    trust_key(trusted, old.public_key_bytes())
+    old_verdict = old.sign(_verdict(), now=NOW)
+    trust_key(trusted, new.public_key_bytes())  # rotation: the new key joins, the old one stays
+    trust_key(trusted, new.public_key_bytes())  # idempotent
+    keys = load_trusted_keys(trusted)
+    assert sorted(keys.keys) == sorted([old.key_id, new.key_id])
+    assert keys.verify(old_verdict).job_id == "job-1"
+    assert keys.verify(new.sign(_verdict(), now=NOW)).job_id == "job-1"
+    with pytest.raises(VerdictRejected) as info:
+        keys.verify(stranger.sign(_verdict(), now=NOW))
+    assert info.value.code == "unknown_key"
+
+
+def test_altered_readable_fields_are_refused_even_with_a_valid_statement(signer: VerdictSigner) -> None:
+    signed = signer.sign(_verdict(), now=NOW)
+    keys = TrustedKeys.of(signer.public_key_bytes())
+    with pytest.raises(VerdictRejected) as info:
+        keys.verify(dataclasses.replace(signed, reward=0.9))
+    assert info.value.code == "altered"
+    # Another verdict's valid statement and signature do not carry over to these fields.
+    other = signer.sign(dataclasses.replace(_verdict(), job_id="job-9"), now=NOW)
+    with pytest.raises(VerdictRejected):
+        keys.verify(dataclasses.replace(signed, statement=other.statement, signature=other.signature))
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", "{}", '{"keys": []}', '{"keys": [{"key_id": "x", "public_key": "AAAA"}]}'],
+    ids=["text", "no-keys-field", "empty", "bad-key"],
+)
+def test_malformed_trusted_keys_files_are_refused_with_the_fix(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "trusted.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="trusted keys file"):
+        load_trusted_keys(path)
