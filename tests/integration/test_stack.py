@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import signal
@@ -105,6 +106,37 @@ def test_verdicts_carry_the_auditors_valid_signature(stack: LocalStack, finished
     assert all(verify_verdict(v, key.public_key) for v in verdicts)
     forged = from_dict(type(verdicts[0]), {**to_dict(verdicts[0]), "reward": 1.0})
     assert not verify_verdict(forged, key.public_key)
+
+
+def test_audit_rpc_scores_only_the_questions_the_gateway_registered(
+    stack: LocalStack, finished_job: Job
+) -> None:
+    """The foundation's AuditAdapter took the document from the caller: the adapter's own answers as
+    gold passed. Now the request has no document; τ comes from the job the gateway registered."""
+    from seal import convert
+    from seal.digests import document_sha256
+    from seal.v1 import types_pb2
+
+    assert "document" not in auditor_pb2.AuditAdapterRequest.DESCRIPTOR.fields_by_name
+    edit = finished_job.documents[1].edits[0]
+    request = auditor_pb2.AuditAdapterRequest(
+        self_edit=convert.to_pb(edit.self_edit, types_pb2.SelfEdit),
+        adapter=convert.to_pb(edit.adapter, types_pb2.AdapterRef),
+    )
+    with grpc.insecure_channel(stack.addresses["auditor"]) as channel:
+        stub = auditor_pb2_grpc.AuditorStub(channel)
+        verdict = convert.from_pb(type(edit.verdict), stub.AuditAdapter(request, timeout=120))
+        assert verdict.document_sha256 == document_sha256(finished_job.spec.documents[1])
+        assert [s.question for s in verdict.adapted_scores] == [
+            q.question for q in finished_job.spec.documents[1].questions
+        ]
+        # A self-edit naming a job the gateway never registered has no questions to be scored on.
+        stray = convert.to_pb(dataclasses.replace(edit.self_edit, job_id="0" * 16), types_pb2.SelfEdit)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AuditAdapter(
+                auditor_pb2.AuditAdapterRequest(self_edit=stray, adapter=request.adapter), timeout=60
+            )
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_adapter_bytes_travel_over_grpc_from_the_registered_student_and_match_their_manifest(
