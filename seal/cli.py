@@ -70,7 +70,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = _stack(args, supervise=True)
     try:
         print(json.dumps({"redis": stack.redis_url, **stack.addresses, "http": stack.http_address}, indent=2))
+        token_file = Path(args.data_dir) / "gateway" / "operator-token"
         print(f"logs in {Path(args.data_dir) / 'logs'}; Ctrl-C stops the stack", flush=True)
+        print(f"API operator token in {token_file} (seal submit/status read it from there)", flush=True)
         while True:  # the supervisor restarts whatever dies
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -92,7 +94,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     stack = None if args.gateway else _stack(args)
     try:
-        client = GatewayClient(args.gateway or stack.addresses["gateway"], token=_token(args))  # type: ignore[union-attr]
+        token = _token(args) if args.gateway else stack.operator_token  # type: ignore[union-attr]
+        client = GatewayClient(args.gateway or stack.addresses["gateway"], token=token)  # type: ignore[union-attr]
         job = client.submit(spec)
         print(f"job {job.id}: {len(spec.documents)} passages × {spec.n_self_edits} self-edits", flush=True)
         job = watch_with_progress(client, job.id)
@@ -189,9 +192,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where `seal up` (default data dir) keeps its operator token, so local commands need no flags.
+LOCAL_TOKEN_FILE = Path(".seal") / "gateway" / "operator-token"
+
+
 def _token(args: argparse.Namespace) -> str:
-    """The gateway API token: --token, else $SEAL_API_TOKEN, else none (an open gateway)."""
-    return str(args.token or os.environ.get("SEAL_API_TOKEN", ""))
+    """The gateway API token: --token, else $SEAL_API_TOKEN, else the local stack's operator token
+    (`seal up` in this directory), else none (an open gateway)."""
+    if args.token or os.environ.get("SEAL_API_TOKEN"):
+        return str(args.token or os.environ["SEAL_API_TOKEN"])
+    return LOCAL_TOKEN_FILE.read_text().strip() if LOCAL_TOKEN_FILE.is_file() else ""
 
 
 def _add_token_flag(parser: argparse.ArgumentParser) -> None:

@@ -71,7 +71,7 @@ def stack(tiny_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module")
 def client(stack: LocalStack) -> GatewayClient:
-    return GatewayClient(stack.addresses["gateway"])
+    return GatewayClient(stack.addresses["gateway"], token=stack.operator_token)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,9 @@ def test_bad_input_over_grpc_is_invalid_argument_and_enqueues_nothing(stack, fie
     queued = _propose_len(stack)
     request = json_format.ParseDict(_bad_job(mutate), gateway_pb2.JobSpec())
     with grpc.insecure_channel(stack.addresses["gateway"]) as channel, pytest.raises(grpc.RpcError) as err:
-        gateway_pb2_grpc.GatewayStub(channel).SubmitJob(request)
+        gateway_pb2_grpc.GatewayStub(channel).SubmitJob(
+            request, metadata=[("authorization", f"Bearer {stack.operator_token}")]
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":")
     assert _propose_len(stack) == queued
@@ -276,7 +278,9 @@ def test_a_job_survives_a_gateway_restart(
     assert old.wait(timeout=30) == 0  # drained cleanly
     stack.processes["gateway"] = stack._spawn("gateway")
     stack._wait_healthy("gateway", time.monotonic() + 60)
-    assert GatewayClient(stack.addresses["gateway"]).get(finished_job.id) == client.get(finished_job.id)
+    assert GatewayClient(stack.addresses["gateway"], token=stack.operator_token).get(
+        finished_job.id
+    ) == client.get(finished_job.id)
 
 
 def _propose_len(stack: LocalStack) -> int:
@@ -289,7 +293,7 @@ def _http(method: str, stack: LocalStack, path: str, body=None, expect: int = 20
         f"http://{stack.http_address}{path}",
         data=data,
         method=method,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {stack.operator_token}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
