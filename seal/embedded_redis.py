@@ -61,18 +61,21 @@ class EmbeddedRedis:
     port: int
     data_dir: Path | None = None
     """None: throwaway (a temporary dir, nothing saved). Else the AOF, password and log live here."""
+    host: str = "127.0.0.1"
+    launcher: list[str] = field(default_factory=list)
+    """A command prefix to run redis-server under (e.g. `ip netns exec NAME`)."""
     process: subprocess.Popen[bytes] = field(init=False)
     url: str = field(init=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         password = "" if self.data_dir is None else redis_password(self.data_dir)
-        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}{self.host}:{self.port}/0"
 
     def launch(self, timeout_s: float = 15.0) -> EmbeddedRedis:
         """Start the server and return once it answers PING (after replaying its AOF)."""
         self.process = subprocess.Popen(
-            [find_redis_server(), str(self._write_config())],
+            [*self.launcher, find_redis_server(), str(self._write_config())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C must not stop it before the services drain
@@ -109,7 +112,7 @@ class EmbeddedRedis:
                 "requirepass": redis_password(self.data_dir),
                 "logfile": str(workdir / "redis.log"),
             }
-        settings = {"port": str(self.port), "bind": "127.0.0.1", "dir": str(workdir), **settings}
+        settings = {"port": str(self.port), "bind": self.host, "dir": str(workdir), **settings}
         path = workdir / "redis.conf"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

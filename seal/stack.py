@@ -26,6 +26,9 @@ from seal.embedded_redis import EmbeddedRedis, free_port, redis_answers, start_r
 
 log = logging.getLogger(__name__)
 
+SERVICE_PORT = 50051
+"""The port of a service whose host is not an address of this machine's network namespace."""
+
 
 def default_threads() -> int:
     """torch threads per model service: three of them share this machine's cores. Oversubscribed
@@ -73,6 +76,10 @@ class LocalStack:
     """Fixed gateway HTTP address; empty picks a free port."""
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_flags: dict[str, list[str]] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)
+    """Per service kind, the host it listens on and is dialled at; default 127.0.0.1."""
+    launchers: dict[str, list[str]] = field(default_factory=dict)
+    """Per service kind, a command prefix it runs under (e.g. `ip netns exec NAME`)."""
     supervise: bool = False
     """Restart a service, or the embedded Redis, that dies (with backoff) until stop()."""
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -94,7 +101,7 @@ class LocalStack:
                 f"the Redis at {self.redis_url} does not answer; start it, or leave it unset "
                 "for an embedded one"
             )
-        self.addresses = {kind: f"127.0.0.1:{free_port()}" for kind in SERVICE_KINDS}
+        self.addresses = {kind: self._free_address(kind) for kind in SERVICE_KINDS}
         if self.gateway_listen:
             self.addresses["gateway"] = resolve_port(self.gateway_listen)
         self.http_address = resolve_port(self.http_listen) if self.http_listen else f"127.0.0.1:{free_port()}"
@@ -129,6 +136,13 @@ class LocalStack:
         signer = VerdictSigner.load_or_create(self.signing_key_path())
         trust_key(self.trusted_keys_path(), signer.public_key_bytes())
 
+    def _free_address(self, kind: str) -> str:
+        host = self.hosts.get(kind, "127.0.0.1")
+        try:
+            return f"{host}:{free_port(host)}"
+        except OSError:  # not an address of this host (another network namespace): its ports are free
+            return f"{host}:{SERVICE_PORT}"
+
     def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
         flags = [
             "--listen",
@@ -153,7 +167,7 @@ class LocalStack:
             # A session of its own: a terminal's Ctrl-C reaches `seal up` alone, which drains the
             # children in order instead of all of them racing their own SIGINT.
             return subprocess.Popen(
-                [sys.executable, "-m", "seal.cli", "serve", kind, *flags],
+                [*self.launchers.get(kind, []), sys.executable, "-m", "seal.cli", "serve", kind, *flags],
                 stdout=log_file,
                 stderr=log_file,
                 env=env,

@@ -39,7 +39,7 @@ def test_task_of_a_killed_student_is_reclaimed_and_the_job_completes(
         extra_flags=fast_reclaim,
     )
     with stack:
-        client = GatewayClient(stack.addresses["gateway"])
+        client = GatewayClient(stack.addresses["gateway"], token=stack.operator_token)
         spec = parse_job_spec(
             {
                 "n_self_edits": 1,

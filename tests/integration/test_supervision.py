@@ -46,6 +46,11 @@ class SealUp:
     def log(self) -> str:
         return (self.data_dir / "seal-up.err").read_text()
 
+    def client(self) -> GatewayClient:
+        """A client with the operator token `seal up` made (and printed the path of)."""
+        token = (self.data_dir / "gateway" / "operator-token").read_text().strip()
+        return GatewayClient(self.addresses["gateway"], token=token)
+
 
 @pytest.fixture(scope="module")
 def seal_up(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SealUp]:
@@ -133,7 +138,7 @@ def test_a_killed_service_is_restarted_on_the_same_address(seal_up: SealUp) -> N
 
 
 def test_jobs_submitted_before_and_after_the_embedded_redis_is_killed_complete(seal_up: SealUp) -> None:
-    client = GatewayClient(seal_up.addresses["gateway"])
+    client = seal_up.client()
     r = redis.Redis.from_url(seal_up.addresses["redis"])
     before = client.submit(parse_job_spec(FAULT_JOB))
     old = seal_up.child("redis-server")
