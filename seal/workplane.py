@@ -42,6 +42,7 @@ RESULT_TTL_S = 7 * 24 * 3600
 # operators (not deleted on ack), so the cap is all that bounds them.
 STREAM_CAPS = {"events": 100_000, "dead": 10_000}
 KEPT_AFTER_ACK = frozenset({"dead"})
+CONSUMER_FORGET_AFTER_S = 24 * 3600
 
 # KEYS[1] marker, KEYS[2] stream; ARGV task_id, payload, ttl, cap (0: none). Atomic: a crash cannot
 # leave the marker set without the stream entry (which would lose the task) or add an entry twice.
@@ -130,6 +131,18 @@ class WorkPlane:
     def pending_count(self, stream: str, group: str) -> int:
         return int(self.redis.xpending(self.stream_key(stream), group)["pending"])
 
+    def forget_idle_consumers(self, stream: str, group: str, idle_s: float = CONSUMER_FORGET_AFTER_S) -> int:
+        """Delete the group's consumers that hold no task and were idle `idle_s`: every process
+        joins under a name of its own, so without this a group collects one per restart.
+
+        A consumer that still holds tasks is kept: deleting it would drop them unacknowledged."""
+        forgotten = 0
+        for consumer in self.redis.xinfo_consumers(self.stream_key(stream), group):
+            if consumer["pending"] == 0 and consumer["idle"] >= idle_s * 1000:
+                self.redis.xgroup_delconsumer(self.stream_key(stream), group, consumer["name"])
+                forgotten += 1
+        return forgotten
+
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 Followups = Callable[[dict[str, Any], dict[str, Any]], list[Task]]
@@ -157,6 +170,10 @@ class Worker:
         log.info(
             "worker started", extra={"stream": self.stream, "group": self.group, "consumer": self.consumer}
         )
+        try:
+            self.plane.forget_idle_consumers(self.stream, self.group)
+        except redis.RedisError as exc:  # housekeeping only: the next start tries again
+            log.warning("could not forget idle consumers", extra={"error": str(exc)})
         while not stop.is_set():
             try:
                 self.poll_once(block_ms)

@@ -331,3 +331,18 @@ def _wait_until(condition, timeout_s: float = 10.0) -> None:  # noqa: ANN001
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_idle_consumers_that_hold_no_task_are_forgotten(plane) -> None:
+    """Each process joins its group under its own name; restarts must not grow the group forever."""
+    key = plane.stream_key("apply")
+    plane.enqueue(Task("apply", "t1", {}))
+    plane.ensure_group("apply", "student")
+    plane.redis.xreadgroup("student", "dead-holding-a-task", {key: ">"}, count=1)
+    plane.redis.xgroup_createconsumer(key, "student", "dead-idle")  # joined, never got a task
+    time.sleep(0.3)
+    plane.redis.xgroup_createconsumer(key, "student", "alive")  # polled just now
+    assert plane.forget_idle_consumers("apply", "student", idle_s=0.2) == 1
+    names = {c["name"] for c in plane.redis.xinfo_consumers(key, "student")}
+    assert names == {b"dead-holding-a-task", b"alive"}  # its task is kept for XAUTOCLAIM
+    assert plane.pending_count("apply", "student") == 1
