@@ -35,15 +35,15 @@ JOB = {
 
 @pytest.fixture()
 def gateway(redis_url: str, namespace: str, plane: WorkPlane, tmp_path: Path):
-    """(gRPC address, metrics address) of a gateway process of this test's namespace."""
+    """(gRPC address, metrics address, HTTP address) of a gateway process of this test's namespace."""
     trusted = tmp_path / "trusted-keys.json"
     trust_key(trusted, VerdictSigner.generate().public_key_bytes())
-    grpc_at, metrics_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    grpc_at, metrics_at, http_at = (f"127.0.0.1:{free_port()}" for _ in range(3))
     log = tmp_path / "gateway.log"
     # Flags, not the environment, carry the settings: SEAL_* variables of the caller must not leak in.
     command = [sys.executable, "-m", "seal.cli", "serve", "gateway", "--listen", grpc_at]
     command += ["--redis-url", redis_url, "--namespace", namespace, "--data-dir", str(tmp_path / "data")]
-    command += ["--trusted-keys", str(trusted), "--http-listen", "", "--metrics-listen", metrics_at]
+    command += ["--trusted-keys", str(trusted), "--http-listen", http_at, "--metrics-listen", metrics_at]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=out)
     try:
@@ -56,7 +56,7 @@ def gateway(redis_url: str, namespace: str, plane: WorkPlane, tmp_path: Path):
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline, f"no /metrics after 60 s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.2)
-        yield grpc_at, metrics_at
+        yield grpc_at, metrics_at, http_at
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -75,7 +75,7 @@ def _scrape(address: str) -> tuple[str, dict]:
 
 
 def test_gateway_serves_prometheus_metrics_that_move_with_its_work(gateway, plane: WorkPlane) -> None:
-    grpc_at, metrics_at = gateway
+    grpc_at, metrics_at, http_at = gateway
     content_type, before = _scrape(metrics_at)
     assert content_type.startswith("text/plain") and "version=0.0.4" in content_type
     for stream in ("events", "dead"):
@@ -99,3 +99,10 @@ def test_gateway_serves_prometheus_metrics_that_move_with_its_work(gateway, plan
     assert after[("seal_task_duration_seconds_count", (("service", "gateway"), ("stream", "dead")))] == 1
     # The dead-letter stream keeps its letters for operators, but none waits for the gateway now.
     assert after[("seal_queue_depth", (("group", "gateway"), ("stream", "dead")))] == 0
+    # The gateway's HTTP API serves the same registry at /metrics, queue depth included.
+    _, over_http = _scrape(http_at)
+    for key in (
+        ("seal_jobs_submitted_total", ()),
+        ("seal_queue_depth", (("group", "gateway"), ("stream", "dead"))),
+    ):
+        assert over_http[key] == after[key]
