@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.api import parse_job_spec
 from gateway.client import GatewayClient
 from seal.records import JobState
+from seal.stack import LocalStack, RestartPolicy, _Tended
 from tests.integration.test_faults import FAULT_JOB, wait_finished_through_outages
 
 
@@ -169,6 +170,57 @@ def test_sigterm_stops_every_child_and_the_embedded_redis(seal_up: SealUp) -> No
     assert alive == {}, f"left behind: {alive}"
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(seal_up.addresses["redis"], socket_connect_timeout=1).ping()
+
+
+class _FakeChild:
+    """Stands in for a Popen: dies when told, comes back when restarted."""
+
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def _supervised_fake(tmp_path: Path, policy: RestartPolicy, restart_fails: int = 0):  # noqa: ANN202
+    """A stack tending one fake teacher; returns (stack, child, restart, kill_and_time_restart)."""
+    stack = LocalStack(model="unused", data_dir=tmp_path, restart_policy=policy)
+    stack._tended = {"teacher": _Tended(policy.first_delay_s)}
+    child, restarted, failures = _FakeChild(), [], [restart_fails]
+
+    def restart() -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OSError("port in use")
+        restarted.append(time.monotonic())
+        child.returncode = None
+
+    def kill_and_time_restart() -> float:
+        child.returncode, died, before = -9, time.monotonic(), len(restarted)
+        while len(restarted) == before:
+            stack._tend("teacher", child, restart)  # type: ignore[arg-type]
+            time.sleep(0.005)
+        return restarted[-1] - died
+
+    return stack, child, restart, kill_and_time_restart
+
+
+def test_restarts_back_off_doubling_to_a_cap_and_the_backoff_resets_once_stable(tmp_path: Path) -> None:
+    policy = RestartPolicy(first_delay_s=0.1, max_delay_s=0.3, stable_after_s=0.5)
+    stack, child, restart, kill_and_time_restart = _supervised_fake(tmp_path, policy)
+    delays = [kill_and_time_restart() for _ in range(4)]
+    for delay, expected in zip(delays, [0.1, 0.2, 0.3, 0.3], strict=True):
+        assert expected <= delay < expected + 0.1, delays
+    time.sleep(0.6)  # up longer than stable_after_s
+    stack._tend("teacher", child, restart)  # type: ignore[arg-type]
+    assert 0.1 <= kill_and_time_restart() < 0.2
+    assert stack.restarts("teacher") == 5
+
+
+def test_a_restart_that_fails_is_tried_again_after_the_next_backoff(tmp_path: Path) -> None:
+    policy = RestartPolicy(first_delay_s=0.1, max_delay_s=1.0)
+    stack, _, _, kill_and_time_restart = _supervised_fake(tmp_path, policy, restart_fails=1)
+    assert 0.3 <= kill_and_time_restart() < 0.45  # 0.1 s, a failed try, then 0.2 s more
+    assert stack.restarts("teacher") == 1
 
 
 def _processes() -> dict[int, tuple[int, str]]:
