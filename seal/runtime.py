@@ -17,8 +17,20 @@ from seal.workplane import Followups, Handler, Worker, WorkPlane, wait_for_redis
 log = logging.getLogger(__name__)
 
 
+# Connections one process may hold: its RPC threads (the gateway runs max_watchers + 8 of them), its
+# workers and heartbeats, with room to spare. A burst beyond waits for a free connection.
+def redis_pool_size(config: ServiceConfig) -> int:
+    return config.max_watchers + 64
+
+
 def connect_plane(config: ServiceConfig) -> WorkPlane:
-    client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
+    """The work plane over a blocking connection pool: a burst of requests waits (up to 20 s) for a
+    connection instead of failing with "Too many connections", as redis-py's default pool of 100 did
+    when 200 jobs were submitted at once (benchmarks/load.py)."""
+    pool = redis.BlockingConnectionPool.from_url(
+        config.redis_url, max_connections=redis_pool_size(config), timeout=20, health_check_interval=30
+    )
+    client = redis.Redis(connection_pool=pool)
     wait_for_redis(client)
     return WorkPlane(client, config.namespace)
 
