@@ -7,6 +7,7 @@ address and flags, and so is the embedded Redis, on the same port and data direc
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -219,7 +220,7 @@ class LocalStack:
             if self._redis is not None:
                 self._tend("redis", self._redis.process, self._redis.restart)
             for kind in SERVICE_KINDS:
-                self._tend(kind, self.processes[kind], lambda kind=kind: self._respawn(kind))
+                self._tend(kind, self.processes[kind], functools.partial(self._respawn, kind))
 
     def _respawn(self, kind: str) -> None:
         self.processes[kind] = self._spawn(kind)
