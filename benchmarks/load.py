@@ -40,7 +40,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.api import parse_job_spec
 from gateway.client import GatewayClient
 from seal.config import SERVICE_KINDS
-from seal.embedded_redis import free_port
 from seal.models import build_tiny_model
 from seal.records import Job, JobState
 from seal.stack import LocalStack
@@ -266,9 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="seal-load-"))
     model_dir = build_tiny_model(work / "tiny-llama")
     namespace = f"seal-load-{uuid.uuid4().hex[:8]}"
-    metrics_at = {kind: f"127.0.0.1:{free_port()}" for kind in SERVICE_KINDS}
-    flags = {kind: ["--metrics-listen", metrics_at[kind]] for kind in SERVICE_KINDS}
-    flags["student"] += ["--adapter-retention", "0"]  # keep every adapter, so the disk count is exact
+    flags = {"student": ["--adapter-retention", "0"]}  # keep every adapter, so the disk count is exact
     stack = LocalStack(
         model=str(model_dir),
         data_dir=work / "stack",
@@ -307,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         jobs = [gateway.get(job_id) for job_id in ids]
         ghost_jobs = [gateway.get(job_id) for job_id in ghosts]
-        samples = {kind: scrape_or_empty(metrics_at[kind]) for kind in SERVICE_KINDS}
+        samples = {kind: scrape_or_empty(stack.metrics_addresses[kind]) for kind in SERVICE_KINDS}
         memory_after = int(client.info("memory")["used_memory"])
         keys_after = namespace_keys(client, namespace)
         census = key_census(client, namespace)

@@ -69,7 +69,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     _interrupt_once()  # from here on, a signal stops whatever has started (start() cleans up)
     stack = _stack(args, supervise=True)
     try:
-        print(json.dumps({"redis": stack.redis_url, **stack.addresses, "http": stack.http_address}, indent=2))
+        addresses = {"redis": stack.redis_url, **stack.addresses, "http": stack.http_address}
+        metrics = {f"{kind} metrics": address for kind, address in stack.metrics_addresses.items()}
+        print(json.dumps({**addresses, **metrics}, indent=2))
         token_file = Path(args.data_dir) / "gateway" / "operator-token"
         print(f"logs in {Path(args.data_dir) / 'logs'}; Ctrl-C stops the stack", flush=True)
         print(f"API operator token in {token_file} (seal submit/status read it from there)", flush=True)

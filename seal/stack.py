@@ -88,6 +88,10 @@ class LocalStack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     addresses: dict[str, str] = field(default_factory=dict, init=False)
     http_address: str = field(default="", init=False)
+    metrics_addresses: dict[str, str] = field(default_factory=dict, init=False)
+    """Each service's Prometheus /metrics address (kept across restarts)."""
+    operator_token: str = field(default="", init=False)
+    """The gateway API's operator bearer token, made under the data dir (kept across restarts)."""
     _redis: EmbeddedRedis | None = field(default=None, init=False)
     _tended: dict[str, _Tended] = field(default_factory=dict, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
@@ -103,6 +107,7 @@ class LocalStack:
                 "for an embedded one"
             )
         self.addresses = {kind: self._free_address(kind) for kind in SERVICE_KINDS}
+        self.metrics_addresses = {kind: self._free_address(kind) for kind in SERVICE_KINDS}
         if self.gateway_listen:
             self.addresses["gateway"] = resolve_port(self.gateway_listen)
         self.http_address = resolve_port(self.http_listen) if self.http_listen else f"127.0.0.1:{free_port()}"
@@ -112,6 +117,7 @@ class LocalStack:
                 self._redis = start_redis(data_dir=self.data_dir / "redis")
                 self.redis_url = self._redis.url
             self._make_keys()
+            self.operator_token = self._make_api_token()
             for kind in SERVICE_KINDS:
                 self.processes[kind] = self._spawn(kind)
             deadline = time.monotonic() + timeout_s
@@ -137,6 +143,17 @@ class LocalStack:
         signer = VerdictSigner.load_or_create(self.signing_key_path())
         trust_key(self.trusted_keys_path(), signer.public_key_bytes())
 
+    def api_tokens_path(self) -> Path:
+        return self.data_dir / "gateway" / "api-tokens.json"
+
+    def _make_api_token(self) -> str:
+        """An operator token for the local stack's API: the gateway never runs open, even locally."""
+        from gateway.auth import local_operator_token
+
+        token, tokens_file = local_operator_token(self.data_dir / "gateway")
+        assert tokens_file == self.api_tokens_path()
+        return token
+
     def _free_address(self, kind: str) -> str:
         host = self.hosts.get(kind, "127.0.0.1")
         try:
@@ -156,8 +173,10 @@ class LocalStack:
             str(self.data_dir / kind),
         ]
         flags += ["--threads", str(self.threads or default_threads())]
+        flags += ["--metrics-listen", self.metrics_addresses[kind]]
         if kind == "gateway":
             flags += ["--trusted-keys", str(self.trusted_keys_path()), "--http-listen", self.http_address]
+            flags += ["--api-tokens", str(self.api_tokens_path())]
         if kind == "auditor":
             flags += ["--signing-key", str(self.signing_key_path())]
         flags += self.extra_flags.get(kind, [])
