@@ -9,6 +9,7 @@ leaves a job running.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from gateway.core import TERMINAL_STATES, job_id_of_task
 from gateway.jobs import JobStore
 from seal.digests import document_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
-from seal.records import Audited, Event, Job, JobState, Proposed, Trained, to_dict
+from seal.records import Audited, DeadLetter, Event, Job, JobState, Proposed, Trained, to_dict
 from seal.signing import Expected, TrustedKeys, VerdictRejected, check_verdict
 from seal.tasks import decode
 
@@ -96,10 +97,17 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
 def dead_letter_handler(store: JobStore) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A task that kept failing fails its job, with the reason the service gave."""
 
-    def handle(letter: dict[str, Any]) -> dict[str, Any]:
-        job_id = job_id_of_task(letter["stream"], letter["payload"])
+    def handle(payload: dict[str, Any]) -> dict[str, Any]:
+        letter = decode(DeadLetter, payload)
+        try:
+            task = json.loads(letter.payload_json)
+        except ValueError:
+            task = {}
+        job_id = job_id_of_task(letter.stream, task)
         if job_id:
-            reason = f"{letter['stream']} task {letter['task_id']} failed ({letter['attempts']} attempts): {letter['reason']}"
+            reason = (
+                f"{letter.stream} task {letter.task_id} failed ({letter.attempts} attempts): {letter.reason}"
+            )
             store.set_state(job_id, JobState.FAILED, error=reason)
         return {"job_id": job_id}
 

@@ -275,6 +275,17 @@ class Event:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A task the work plane gave up on: where it was, what it carried, and why."""
+
+    stream: str = ""
+    task_id: str = ""
+    payload_json: str = "{}"
+    reason: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
 class EditResult:
     self_edit: SelfEdit
     adapter: AdapterRef | None = None

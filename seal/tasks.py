@@ -21,6 +21,7 @@ from seal.records import (
     ApplyTask,
     AuditResult,
     AuditTask,
+    DeadLetter,
     Event,
     ProposeResult,
     ProposeTask,
@@ -37,6 +38,7 @@ MESSAGES: dict[type, type[Message]] = {
     AuditTask: tasks_pb2.AuditTask,
     AuditResult: tasks_pb2.AuditResult,
     Event: tasks_pb2.Event,
+    DeadLetter: tasks_pb2.DeadLetter,
 }
 
 # What each task stream carries (the gateway reads dead letters by it).

@@ -32,6 +32,8 @@ import redis
 
 from seal import metrics
 from seal.errors import PermanentError
+from seal.records import DeadLetter
+from seal.tasks import encode
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +117,15 @@ class WorkPlane:
             {
                 "task_id": f"{stream}/{task_id}",
                 "payload": json.dumps(
-                    {
-                        "stream": stream,
-                        "task_id": task_id,
-                        "payload": payload,
-                        "reason": reason,
-                        "attempts": attempts,
-                    }
+                    encode(
+                        DeadLetter(
+                            stream=stream,
+                            task_id=task_id,
+                            payload_json=json.dumps(payload),
+                            reason=reason,
+                            attempts=attempts,
+                        )
+                    )
                 ),
             },
             maxlen=STREAM_CAPS["dead"],

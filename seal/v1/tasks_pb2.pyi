@@ -281,3 +281,37 @@ class Audited(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Audited: _TypeAlias = Audited  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """seal:dead — a task that could not be done, with its reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    task_id: _builtins.str
+    payload_json: _builtins.str
+    """The task's payload as it was on its stream (JSON text; "{}" when it could not be read)."""
+    reason: _builtins.str
+    attempts: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        payload_json: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "payload_json", b"payload_json", "reason", b"reason", "stream", b"stream", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 
 from seal.errors import PermanentError
+from seal.records import DeadLetter
+from seal.tasks import decode
 from seal.workplane import Task, Worker
 
 
@@ -133,6 +136,10 @@ def test_permanent_error_goes_straight_to_dead_letters(plane) -> None:
     (entry,) = plane.redis.xrange(plane.stream_key("dead"))
     assert b"document 3 has no questions" in entry[1][b"payload"]
     assert plane.pending_count("audit", "auditor") == 0
+    # The dead letter is a message of the contract (tasks.proto DeadLetter), parsed strictly.
+    letter = decode(DeadLetter, json.loads(entry[1][b"payload"]))
+    assert (letter.stream, letter.task_id, letter.attempts) == ("audit", "t1", 1)
+    assert json.loads(letter.payload_json) == {} and "PermanentError" in letter.reason
 
 
 def test_unreadable_task_is_dead_lettered_and_the_worker_goes_on(plane) -> None:
