@@ -108,8 +108,22 @@ def write_token_file(path: Path | str, entries: Iterable[tuple[str, str, Role | 
     `seal up` uses it to make an operator token with no setup:
         token = generate_token(); write_token_file(data_dir / "api-tokens.json", [(token, "operator", "operator")])
     """
+    return _write_entries(Path(path), [token_entry(token, subject, role) for token, subject, role in entries])
+
+
+def add_token(path: Path | str, subject: str, role: Role | str) -> str:
+    """A new token for `subject` with `role`, its digest appended to the token file (made if missing);
+    returns the token, which is stored nowhere."""
     path = Path(path)
-    document = {"tokens": [token_entry(token, subject, role) for token, subject, role in entries]}
+    existing = load_token_file(path) if path.exists() else ()  # a malformed file is refused, not replaced
+    token = generate_token()
+    entries = [{"sha256": e.digest.hex(), "subject": e.subject, "role": e.role.value} for e in existing]
+    _write_entries(path, [*entries, token_entry(token, subject, role)])
+    return token
+
+
+def _write_entries(path: Path, entries: list[dict[str, str]]) -> Path:
+    document = {"tokens": entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

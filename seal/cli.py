@@ -230,6 +230,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Add an API token for a subject and role to the gateway's token file; print the token once."""
+    from gateway.auth import add_token
+
+    print(add_token(args.file, args.subject, args.role))
+    return 0
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     from seal.models import model_fingerprint, resolve_model
 
@@ -310,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("key", help="the auditor's private key file (PEM; made with mode 0600 if missing)")
     keys.add_argument("--trust", default="", help="trusted-keys JSON file of the gateway to add it to")
     keys.set_defaults(func=cmd_keys)
+
+    tokens = sub.add_parser(
+        "tokens", help="add a gateway API token (its digest goes to the token file); print the token once"
+    )
+    tokens.add_argument("file", help="the gateway's --api-tokens file (made 0600 if missing)")
+    tokens.add_argument("--subject", required=True, help="who holds the token (owns the jobs it submits)")
+    tokens.add_argument("--role", choices=("submitter", "operator"), default="submitter")
+    tokens.set_defaults(func=cmd_tokens)
 
     model = sub.add_parser("model", help="fetch and cache a model; print its path and fingerprint")
     model.add_argument("--model", default=DEFAULT_MODEL)

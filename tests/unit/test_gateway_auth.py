@@ -230,3 +230,17 @@ def test_grpc_interceptor_refuses_the_wrong_role(tokens) -> None:  # noqa: ANN00
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         process.server.stop(0).wait()
+
+
+def test_add_token_appends_a_digest_and_keeps_the_existing_holders(tmp_path) -> None:
+    from gateway.auth import Authenticator, add_token
+
+    path = tmp_path / "tokens.json"
+    alice = add_token(path, "alice", "submitter")
+    ops = add_token(path, "ops", "operator")
+    text = path.read_text()
+    assert alice not in text and ops not in text  # digests only
+    auth = Authenticator.from_config(str(path))
+    assert auth.authenticate(f"Bearer {alice}").subject == "alice"
+    assert auth.authenticate(f"Bearer {ops}").role.value == "operator"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
