@@ -28,6 +28,7 @@ from seal.embedded_redis import EmbeddedRedis, free_port, redis_answers, start_r
 log = logging.getLogger(__name__)
 
 SERVICE_PORT = 50051
+METRICS_PORT = 9100
 """The port of a service whose host is not an address of this machine's network namespace."""
 
 
@@ -107,7 +108,7 @@ class LocalStack:
                 "for an embedded one"
             )
         self.addresses = {kind: self._free_address(kind) for kind in SERVICE_KINDS}
-        self.metrics_addresses = {kind: self._free_address(kind) for kind in SERVICE_KINDS}
+        self.metrics_addresses = {kind: self._free_address(kind, METRICS_PORT) for kind in SERVICE_KINDS}
         if self.gateway_listen:
             self.addresses["gateway"] = resolve_port(self.gateway_listen)
         self.http_address = resolve_port(self.http_listen) if self.http_listen else f"127.0.0.1:{free_port()}"
@@ -154,12 +155,12 @@ class LocalStack:
         assert tokens_file == self.api_tokens_path()
         return token
 
-    def _free_address(self, kind: str) -> str:
+    def _free_address(self, kind: str, namespaced_port: int = SERVICE_PORT) -> str:
         host = self.hosts.get(kind, "127.0.0.1")
         try:
             return f"{host}:{free_port(host)}"
         except OSError:  # not an address of this host (another network namespace): its ports are free
-            return f"{host}:{SERVICE_PORT}"
+            return f"{host}:{namespaced_port}"
 
     def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
         flags = [
