@@ -69,6 +69,10 @@ class EmbeddedRedis:
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if self.data_dir is not None:
+            # redis-server changes into `dir` before it opens its log: a relative path would point
+            # below itself (`seal up` passes .seal/redis).
+            self.data_dir = Path(self.data_dir).resolve()
         password = "" if self.data_dir is None else redis_password(self.data_dir)
         self.url = f"redis://{f':{password}@' if password else ''}{self.host}:{self.port}/0"
 

@@ -246,3 +246,19 @@ def _health(address: str) -> int:
         except grpc.RpcError:
             return -1
     return int(reply.status)
+
+
+def test_a_persistent_redis_starts_from_a_relative_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`seal up` passes .seal/redis; redis-server changes into its dir before opening its log, so a
+    relative path made it fail to start (found by `make demo` on a fresh checkout)."""
+    from seal.embedded_redis import start_redis
+
+    monkeypatch.chdir(tmp_path)
+    server = start_redis(data_dir=Path(".seal/redis"))
+    try:
+        assert redis.Redis.from_url(server.url).ping()
+        assert (tmp_path / ".seal" / "redis" / "redis.log").is_file()
+    finally:
+        server.stop()
