@@ -102,16 +102,22 @@ def _trained(job_id: str, edit: SelfEdit, adapter: AdapterRef) -> dict:
     return encode(Event(job_id=job_id, trained=Trained(self_edit_id=edit.id, adapter=adapter)))
 
 
-@pytest.fixture()
-def running(plane):
-    """A job whose self-edit was proposed and trained, as the teacher's and student's events say."""
-    store = JobStore(plane)
-    handle = event_handler(store, TrustedKeys.of(AUDITOR.public_key_bytes()))
+def _proposed_and_trained(store: JobStore, handle):  # noqa: ANN001, ANN202
+    """A new job whose self-edit the teacher proposed and the student trained, as their events say."""
     job = store.create(SPEC)
     edit = _self_edit(job.id)
     adapter = _adapter(edit)
     handle(_proposed(job.id, edit))
     handle(_trained(job.id, edit, adapter))
+    return job, edit, adapter
+
+
+@pytest.fixture()
+def running(plane):
+    """A job whose self-edit was proposed and trained, as the teacher's and student's events say."""
+    store = JobStore(plane)
+    handle = event_handler(store, TrustedKeys.of(AUDITOR.public_key_bytes()))
+    job, edit, adapter = _proposed_and_trained(store, handle)
     return store, handle, job, edit, adapter
 
 
@@ -167,11 +173,7 @@ def test_an_untrusted_key_tampered_field_or_expired_verdict_is_refused(plane) ->
         "expired": lambda v: AUDITOR.sign(v, ttl_s=-1),
     }
     for code, make in cases.items():
-        job = store.create(SPEC)
-        edit = _self_edit(job.id)
-        adapter = _adapter(edit)
-        handle(_proposed(job.id, edit))
-        handle(_trained(job.id, edit, adapter))
+        job, edit, adapter = _proposed_and_trained(store, handle)
         handle(_event(job.id, make(_verdict(edit, adapter))))
         refused = store.get(job.id)
         assert refused.state == JobState.FAILED and code in refused.error, code
@@ -209,11 +211,7 @@ def test_a_job_whose_last_event_lands_after_its_last_verdict_still_finishes(plan
     """Every event re-checks completion: the foundation checked only on verdicts."""
     store = JobStore(plane)
     handle = event_handler(store, TrustedKeys.of(AUDITOR.public_key_bytes()))
-    job = store.create(SPEC)
-    edit = _self_edit(job.id)
-    adapter = _adapter(edit)
-    handle(_proposed(job.id, edit))
-    handle(_trained(job.id, edit, adapter))
+    job, edit, adapter = _proposed_and_trained(store, handle)
     # The verdict part lands (e.g. a gateway died after writing it, before checking completion)...
     store.record(job.id, edit.id, "verdict", to_dict(AUDITOR.sign(_verdict(edit, adapter))))
     assert store.get(job.id).state == JobState.RUNNING
