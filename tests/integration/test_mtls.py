@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seal.server import GRPC_OPTIONS, ServiceProcess
@@ -164,3 +165,54 @@ def test_the_server_still_serves_after_refusing_clients(pki: dict[str, TlsFiles]
         _refused(ch)
     with channel(teacher, pki["student"]) as ch:
         assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
+
+
+TINY_JOB = {
+    "n_self_edits": 1,
+    "lora": {"epochs": 1, "rank": 4},
+    "sampling": {"max_new_tokens": 16},
+    "documents": [
+        {
+            "title": "Alpha",
+            "context": "Alpha is a town by the sea.",
+            "questions": [{"question": "What is Alpha?", "answer": "a town"}],
+        }
+    ],
+}
+
+
+@pytest.mark.timeout(600)
+def test_a_local_stack_with_mtls_finishes_a_job_and_refuses_plaintext_on_every_port(
+    tiny_model_dir: Path, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    from gateway.api import parse_job_spec
+    from gateway.client import GatewayClient
+    from seal.records import JobState
+    from seal.stack import LocalStack
+    from tests.integration.waiting import wait_finished
+
+    stack = LocalStack(
+        model=str(tiny_model_dir),
+        data_dir=tmp_path / "stack",
+        redis_url=redis_url,
+        namespace=namespace,
+        threads=1,
+        tls_dir=tmp_path / "tls",
+    )
+    try:
+        with stack:
+            for kind, address in stack.addresses.items():
+                with channel(address, None) as ch:
+                    assert _refused(ch) == grpc.StatusCode.UNAVAILABLE, kind
+            client = GatewayClient(
+                stack.addresses["gateway"], token=stack.operator_token, tls=stack.tls["client"]
+            )
+            # Every hop is mTLS: the auditor fetches the adapter from the student over it.
+            job = wait_finished(client, client.submit(parse_job_spec(TINY_JOB)).id)
+            client.close()
+            assert job.state == JobState.SUCCEEDED, job.error
+            assert all(e.verdict is not None for doc in job.documents for e in doc.edits)
+    finally:
+        keys = redis.Redis.from_url(redis_url)
+        for key in keys.scan_iter(f"{namespace}:*"):
+            keys.delete(key)

@@ -153,3 +153,24 @@ def test_seal_certs_writes_a_set_and_prints_the_settings_per_service(
     assert printed.count(f"SEAL_TLS_CA={out.resolve() / 'ca.pem'}") == len(LOCAL_SERVICES)
     sans = _cert(out / "gateway.pem").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("10.1.2.3") in sans.get_values_for_type(x509.IPAddress)
+
+
+def test_seal_certs_refuses_an_empty_host_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["certs", "--out", str(tmp_path), "--hosts", " , "])
+    assert exit_.value.code == 2
+    assert "--hosts needs at least one host" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_client_command_with_part_of_the_tls_flags_stops_before_dialling(
+    pki: dict[str, TlsFiles], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("SEAL_TLS_CA", "SEAL_TLS_CERT", "SEAL_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SEAL_TLS_CERT", str(pki["client"].cert))  # the environment fills in flags
+    with pytest.raises(SystemExit) as exit_:
+        main(["status", "job-1", "--gateway", "127.0.0.1:1", "--tls-ca", str(pki["client"].ca)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing --tls-key" in err and "--tls-cert" not in err.split("missing")[1]
