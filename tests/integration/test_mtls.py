@@ -216,3 +216,21 @@ def test_a_local_stack_with_mtls_finishes_a_job_and_refuses_plaintext_on_every_p
         keys = redis.Redis.from_url(redis_url)
         for key in keys.scan_iter(f"{namespace}:*"):
             keys.delete(key)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student", "auditor", "gateway"])
+def test_seal_serve_with_part_of_the_tls_settings_exits_before_anything_starts(
+    kind: str, pki: dict[str, TlsFiles], tmp_path: Path
+) -> None:
+    # A model that does not exist: were TLS checked after loading it, the error would name the model.
+    flags = ["--tls-ca", str(pki[kind].ca), "--tls-cert", str(pki[kind].cert), "--model", str(tmp_path)]
+    flags += ["--trusted-keys", str(tmp_path / "keys.json")] if kind == "gateway" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "seal.cli", "serve", kind, *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "missing --tls-key" in done.stderr
