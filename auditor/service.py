@@ -38,6 +38,7 @@ from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.signing import VerdictSigner
 from seal.tasks import decode, encode
+from seal.tls import TlsFiles, tls_files
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_document
 from seal.workplane import Task, WorkPlane
@@ -61,6 +62,8 @@ class AuditorEngine:
     adapter_max_bytes: int = 512 * 1024 * 1024
     adapter_max_files: int = 8
     student_wait_s: float = 600.0
+    tls: TlsFiles | None = None
+    """mTLS files for fetching adapters from students; None: plaintext."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Baseline answers depend only on the base model and the document: compute them once.
     _baselines: OrderedDict[str, list[QuestionScore]] = field(default_factory=OrderedDict)
@@ -87,6 +90,7 @@ class AuditorEngine:
             self.adapter_max_bytes,
             self.adapter_max_files,
             self.student_wait_s,
+            tls=self.tls,
         )
         with self.lock:
             baseline = self._baseline(doc)
@@ -174,6 +178,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         raise ValueError(
             f"grading_metric must be one of {', '.join(GRADING_METRICS)}, got {config.grading_metric!r}"
         )
+    tls = tls_files(config)  # before the model loads: a bad TLS setting fails fast
     model, tokenizer, _, fingerprint = load_base_model(config)
     signer = VerdictSigner.load_or_create(Path(config.signing_key or config.data_dir / "auditor-ed25519.key"))
     plane = connect_plane(config)
@@ -190,6 +195,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         adapter_max_bytes=config.adapter_max_bytes,
         adapter_max_files=config.adapter_max_files,
         student_wait_s=config.student_wait_s,
+        tls=tls,
     )
     worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
 
@@ -198,7 +204,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         return [auditor_pb2.DESCRIPTOR.services_by_name["Auditor"].full_name]
 
     process = ServiceProcess(
-        "auditor", config.listen, register, [worker], metrics_listen=config.metrics_listen
+        "auditor", config.listen, register, [worker], metrics_listen=config.metrics_listen, tls=tls
     )
     process.start()
     return process

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
-
 from seal import convert
 from seal.records import Job, JobSpec
 from seal.server import GRPC_OPTIONS
+from seal.tls import TlsFiles, channel
 from seal.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -16,8 +15,10 @@ class GatewayClient:
     """`token` is an API bearer token, sent as `authorization: Bearer <token>` metadata on every
     call; leave it empty for a gateway with an open API."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, token: str = "") -> None:
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    def __init__(
+        self, address: str, timeout_s: float = 30.0, token: str = "", tls: TlsFiles | None = None
+    ) -> None:
+        self.channel = channel(address, tls, options=GRPC_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()

@@ -20,6 +20,7 @@ from seal.records import Job, JobSpec
 from seal.runtime import connect_plane, make_worker
 from seal.server import ServiceProcess
 from seal.signing import load_trusted_keys
+from seal.tls import tls_files
 from seal.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -44,6 +45,7 @@ def _job_pb(job: Job) -> gateway_pb2.Job:
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: job store, trusted auditor keys, workers on seal:events and seal:dead, gRPC, HTTP."""
+    tls = tls_files(config)  # first: a bad TLS setting fails before anything starts
     if not config.trusted_keys:
         raise ValueError(
             "the gateway needs --trusted-keys: a file of the auditor public keys whose verdicts it "
@@ -74,6 +76,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         register,
         workers,
         metrics_listen=config.metrics_listen,
+        tls=tls,
         # A gRPC watcher holds a thread: room for every watcher, and unary calls still get 8.
         max_rpc_threads=config.max_watchers + 8,
     )

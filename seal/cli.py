@@ -97,7 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stack = None if args.gateway else _stack(args)
     try:
         token = _token(args) if args.gateway else stack.operator_token  # type: ignore[union-attr]
-        client = GatewayClient(args.gateway or stack.addresses["gateway"], token=token)  # type: ignore[union-attr]
+        tls = _client_tls(args) if args.gateway else stack.tls.get("client")  # type: ignore[union-attr]
+        client = GatewayClient(args.gateway or stack.addresses["gateway"], token=token, tls=tls)  # type: ignore[union-attr]
         job = client.submit(spec)
         print(f"job {job.id}: {len(spec.documents)} passages × {spec.n_self_edits} self-edits", flush=True)
         job = watch_with_progress(client, job.id)
@@ -185,7 +186,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from gateway.api import parse_job_spec
     from gateway.client import GatewayClient
 
-    client = GatewayClient(args.gateway, token=_token(args))
+    client = GatewayClient(args.gateway, token=_token(args), tls=_client_tls(args))
     job = client.submit(parse_job_spec(json.loads(Path(args.file).read_text())))
     print(job.id)
     if args.watch:
@@ -214,7 +215,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from gateway.client import GatewayClient
     from seal.records import to_json
 
-    job = GatewayClient(args.gateway, token=_token(args)).get(args.job_id)
+    job = GatewayClient(args.gateway, token=_token(args), tls=_client_tls(args)).get(args.job_id)
     print(to_json(job) if args.json else render_table(job))
     return 0
 
@@ -260,6 +261,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_tls(args: argparse.Namespace):  # noqa: ANN202
+    """mTLS files for talking to a gateway: --tls-ca/--tls-cert/--tls-key, else $SEAL_TLS_*, else none."""
+    from types import SimpleNamespace
+
+    from seal.tls import tls_files
+
+    names = ("tls_ca", "tls_cert", "tls_key")
+    given = {n: getattr(args, n) or os.environ.get(f"SEAL_{n.upper()}", "") for n in names}
+    return tls_files(SimpleNamespace(**given))
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    for name in ("ca", "cert", "key"):
+        default = f"$SEAL_TLS_{name.upper()}"
+        parser.add_argument(f"--tls-{name}", default="", help=f"mTLS {name} PEM file (default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from seal.models import DEFAULT_MODEL
 
@@ -296,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--file", help="a job JSON instead of the bundled example")
             p.add_argument("--gateway", help="use a running gateway (host:port) instead of a local stack")
             _add_token_flag(p)
+            _add_tls_flags(p)
 
     submit = sub.add_parser("submit", help="submit a job JSON to a gateway")
     submit.add_argument("file")
     submit.add_argument("--gateway", default=DEFAULT_GATEWAY)
     submit.add_argument("--watch", action="store_true")
     _add_token_flag(submit)
+    _add_tls_flags(submit)
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="show a job")
@@ -309,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--gateway", default=DEFAULT_GATEWAY)
     status.add_argument("--json", action="store_true")
     _add_token_flag(status)
+    _add_tls_flags(status)
     status.set_defaults(func=cmd_status)
 
     keys = sub.add_parser(

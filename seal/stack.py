@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seal.config import SERVICE_KINDS
 from seal.embedded_redis import EmbeddedRedis, free_port, redis_answers, start_redis
+from seal.tls import LOCAL_HOSTS, TlsFiles, make_local_pki
+from seal.tls import channel as open_channel
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class LocalStack:
     supervise: bool = False
     """Restart a service, or the embedded Redis, that dies (with backoff) until stop()."""
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    tls_dir: Path | None = None
+    """Turn on mTLS between everything: a local CA and per-service certificates here (made once, kept)."""
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     addresses: dict[str, str] = field(default_factory=dict, init=False)
@@ -93,6 +97,8 @@ class LocalStack:
     """Each service's Prometheus /metrics address (kept across restarts)."""
     operator_token: str = field(default="", init=False)
     """The gateway API's operator bearer token, made under the data dir (kept across restarts)."""
+    tls: dict[str, TlsFiles] = field(default_factory=dict, init=False)
+    """With tls_dir: each service's TLS files, and `client`'s for callers such as GatewayClient."""
     _redis: EmbeddedRedis | None = field(default=None, init=False)
     _tended: dict[str, _Tended] = field(default_factory=dict, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
@@ -119,6 +125,8 @@ class LocalStack:
                 self.redis_url = self._redis.url
             self._make_keys()
             self.operator_token = self._make_api_token()
+            if self.tls_dir is not None:
+                self.tls = make_local_pki(self.tls_dir, hosts=[*LOCAL_HOSTS, *self.hosts.values()])
             for kind in SERVICE_KINDS:
                 self.processes[kind] = self._spawn(kind)
             deadline = time.monotonic() + timeout_s
@@ -180,6 +188,9 @@ class LocalStack:
             flags += ["--api-tokens", str(self.api_tokens_path())]
         if kind == "auditor":
             flags += ["--signing-key", str(self.signing_key_path())]
+        if kind in self.tls:
+            flags += ["--tls-ca", str(self.tls[kind].ca), "--tls-cert", str(self.tls[kind].cert)]
+            flags += ["--tls-key", str(self.tls[kind].key)]
         flags += self.extra_flags.get(kind, [])
         log_file = open(self.log_path(kind), "ab")  # noqa: SIM115 - the child owns it
         # The Redis URL may carry a password: the environment keeps it out of `ps`.
@@ -201,7 +212,7 @@ class LocalStack:
         return self.data_dir / "logs" / f"{kind}.log"
 
     def _wait_healthy(self, kind: str, deadline: float) -> None:
-        with grpc.insecure_channel(self.addresses[kind]) as channel:
+        with open_channel(self.addresses[kind], self.tls.get("client")) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.processes[kind].poll() is not None:

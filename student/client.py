@@ -18,6 +18,7 @@ from seal.errors import PermanentError
 from seal.records import AdapterRef
 from seal.registry import StudentRegistry
 from seal.server import GRPC_OPTIONS
+from seal.tls import TlsFiles, channel
 from seal.v1 import student_pb2, student_pb2_grpc
 from student.artifacts import TransferLimitError, adapter_path, verify_adapter, write_adapter_chunks
 
@@ -39,10 +40,11 @@ def fetch_adapter(
     max_bytes: int = 512 * 1024 * 1024,
     max_files: int = 8,
     timeout_s: float = 300.0,
+    tls: TlsFiles | None = None,
 ) -> Path:
     """Download adapter `sha256` from the student at `address` (a registered one), within the caps."""
-    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-        stub = student_pb2_grpc.StudentStub(channel)
+    with channel(address, tls, options=GRPC_OPTIONS) as ch:
+        stub = student_pb2_grpc.StudentStub(ch)
         chunks = stub.FetchAdapter(student_pb2.FetchAdapterRequest(sha256=sha256), timeout=timeout_s)
         return write_adapter_chunks(
             ((c.filename, c.offset, c.data) for c in chunks), adapters_root, sha256, max_bytes, max_files
@@ -57,6 +59,7 @@ def fetch_registered(
     max_files: int,
     wait_s: float = 600.0,
     sleep: Callable[[float], None] = time.sleep,
+    tls: TlsFiles | None = None,
 ) -> Path:
     """The verified local copy of `adapter`, fetched from any registered student that holds it."""
     local = adapter_path(adapters_root, adapter.sha256)
@@ -79,7 +82,7 @@ def fetch_registered(
                 failures.append(f"{student_id or '(none)'}: not registered")
                 continue
             try:
-                return fetch_adapter(address, adapter.sha256, adapters_root, max_bytes, max_files)
+                return fetch_adapter(address, adapter.sha256, adapters_root, max_bytes, max_files, tls=tls)
             except TransferLimitError as exc:
                 raise AdapterTooLarge(str(exc)) from None
             except (grpc.RpcError, ValueError) as exc:  # away, not holding it, or a corrupt transfer

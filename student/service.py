@@ -20,6 +20,7 @@ from seal.registry import StudentRegistry, student_id_for
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.tasks import decode, encode
+from seal.tls import tls_files
 from seal.v1 import student_pb2, student_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_lora, validate_passage
 from seal.workplane import Task
@@ -160,6 +161,7 @@ def keep_registered(
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: load the base model, register, start the gRPC server and the seal:apply worker."""
+    tls = tls_files(config)  # first: a bad TLS setting fails before the model loads
     model, tokenizer, _, fingerprint = load_base_model(config)
     plane = connect_plane(config)
     registry = StudentRegistry(plane)
@@ -183,7 +185,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         return [student_pb2.DESCRIPTOR.services_by_name["Student"].full_name]
 
     process = ServiceProcess(
-        "student", config.listen, register, [worker], metrics_listen=config.metrics_listen
+        "student", config.listen, register, [worker], metrics_listen=config.metrics_listen, tls=tls
     )
 
     def advertise(port: int) -> None:

@@ -17,6 +17,7 @@ from seal.records import ApplyTask, EditFormat, Event, Proposed, ProposeResult, 
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.tasks import decode, encode
+from seal.tls import tls_files
 from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
 from seal.validation import Limits, check_int_range, validate_lora, validate_passage, validate_sampling
 from seal.workplane import Task
@@ -108,6 +109,7 @@ def build_generator(config: ServiceConfig) -> Generator:
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: build the teacher from config and start serving (returns once started)."""
+    tls = tls_files(config)  # first: a bad TLS setting fails before the model loads
     engine = TeacherEngine(build_generator(config), config.limits())
     plane = connect_plane(config)
     worker = make_worker(config, plane, "propose", propose_handler(engine), propose_followups)
@@ -117,7 +119,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         return [teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name]
 
     process = ServiceProcess(
-        "teacher", config.listen, register, [worker], metrics_listen=config.metrics_listen
+        "teacher", config.listen, register, [worker], metrics_listen=config.metrics_listen, tls=tls
     )
     process.start()
     return process
