@@ -46,6 +46,8 @@ def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
         redis_url=redis_url,
         threads=args.threads,
         supervise=supervise,
+        # Mutual TLS between the services, with a CA and certificates made once under the data dir.
+        tls_dir=Path(args.data_dir) / "tls",
     ).start()
 
 
@@ -261,15 +263,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where `seal up` (default data dir) keeps its CA and the client certificate local commands use.
+LOCAL_TLS_DIR = Path(".seal") / "tls"
+
+
 def _client_tls(args: argparse.Namespace):  # noqa: ANN202
-    """mTLS files for talking to a gateway: --tls-ca/--tls-cert/--tls-key, else $SEAL_TLS_*, else none."""
+    """mTLS files for talking to a gateway: --tls-ca/--tls-cert/--tls-key, else $SEAL_TLS_*, else the
+    local stack's client certificate (`seal up` in this directory), else none (plaintext)."""
     from types import SimpleNamespace
 
-    from seal.tls import tls_files
+    from seal.tls import TlsFiles, tls_files
 
     names = ("tls_ca", "tls_cert", "tls_key")
     given = {n: getattr(args, n) or os.environ.get(f"SEAL_{n.upper()}", "") for n in names}
-    return tls_files(SimpleNamespace(**given))
+    if any(given.values()):
+        return tls_files(SimpleNamespace(**given))
+    local = TlsFiles(LOCAL_TLS_DIR / "ca.pem", LOCAL_TLS_DIR / "client.pem", LOCAL_TLS_DIR / "client.key")
+    return local if all(Path(p).is_file() for p in (local.ca, local.cert, local.key)) else None
 
 
 def _add_tls_flags(parser: argparse.ArgumentParser) -> None:

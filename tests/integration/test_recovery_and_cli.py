@@ -11,7 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +21,8 @@ from seal.config import SERVICE_KINDS
 from seal.embedded_redis import free_port
 from seal.records import JobState
 from seal.stack import LocalStack
+from seal.tls import TlsFiles
+from seal.tls import channel as open_channel
 from tests.integration.waiting import wait_finished
 
 LONG_CONTEXT = " ".join(f"Gamma street number {i} has a blue door and a red roof." for i in range(60))
@@ -150,7 +151,10 @@ def test_seal_up_serves_until_interrupted(tiny_model_dir: Path, tmp_path: Path) 
             lines.append(line.rstrip("\n"))
         addresses = json.loads("\n".join(lines[lines.index("{") :]))
         assert redis.Redis.from_url(addresses["redis"]).ping()
-        with grpc.insecure_channel(addresses["gateway"]) as channel:
+        tls = TlsFiles(
+            tmp_path / "tls" / "ca.pem", tmp_path / "tls" / "client.pem", tmp_path / "tls" / "client.key"
+        )
+        with open_channel(addresses["gateway"], tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:

@@ -27,6 +27,8 @@ from gateway.api import parse_job_spec
 from gateway.client import GatewayClient
 from seal.records import JobState
 from seal.stack import LocalStack, RestartPolicy, _Tended
+from seal.tls import TlsFiles
+from seal.tls import channel as open_channel
 from tests.integration.test_faults import FAULT_JOB, wait_finished_through_outages
 
 
@@ -48,9 +50,16 @@ class SealUp:
         return (self.data_dir / "seal-up.err").read_text()
 
     def client(self) -> GatewayClient:
-        """A client with the operator token `seal up` made (and printed the path of)."""
+        """A client with the operator token and the client certificate `seal up` made."""
         token = (self.data_dir / "gateway" / "operator-token").read_text().strip()
-        return GatewayClient(self.addresses["gateway"], token=token)
+        return GatewayClient(self.addresses["gateway"], token=token, tls=self.tls())
+
+    def tls(self) -> TlsFiles:
+        tls_dir = self.data_dir / "tls"
+        return TlsFiles(tls_dir / "ca.pem", tls_dir / "client.pem", tls_dir / "client.key")
+
+    def health(self, kind: str) -> int:
+        return _health(self.addresses[kind], self.tls())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +111,9 @@ def test_port_zero_is_resolved_to_a_real_port_before_the_gateway_starts(seal_up:
         assert host == "127.0.0.1" and int(port) > 0, seal_up.addresses
         with socket.create_connection((host, int(port)), timeout=5):
             pass
-    assert _health(seal_up.addresses["gateway"]) == health_pb2.HealthCheckResponse.SERVING
+    assert seal_up.health("gateway") == health_pb2.HealthCheckResponse.SERVING
+    # mTLS with no setup: the stack made its CA and certificates, and plaintext is refused.
+    assert _health(seal_up.addresses["gateway"]) == -1
 
 
 def test_embedded_redis_keeps_an_append_only_file_and_a_private_password(seal_up: SealUp) -> None:
@@ -127,7 +138,7 @@ def test_a_killed_service_is_restarted_on_the_same_address(seal_up: SealUp) -> N
         if (
             teachers
             and teachers != [old]
-            and _health(seal_up.addresses["teacher"]) == health_pb2.HealthCheckResponse.SERVING
+            and seal_up.health("teacher") == health_pb2.HealthCheckResponse.SERVING
         ):
             break
         time.sleep(0.5)
@@ -239,8 +250,8 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def _health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+def _health(address: str, tls: TlsFiles | None = None) -> int:
+    with open_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.RpcError:
