@@ -52,5 +52,13 @@ def plane(redis_url: str, namespace: str):
 
     client = redis.Redis.from_url(redis_url)
     yield WorkPlane(client, namespace)
-    for key in client.scan_iter(f"{namespace}:*"):
-        client.delete(key)
+    delete_namespace(redis_url, namespace)
+
+
+def delete_namespace(redis_url: str, namespace: str) -> int:
+    """Remove every key a test's stack wrote under `namespace` in a shared Redis; returns how many."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{namespace}:*"))
+    return int(client.delete(*keys)) if keys else 0

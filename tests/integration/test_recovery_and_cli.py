@@ -23,6 +23,7 @@ from seal.records import JobState
 from seal.stack import LocalStack
 from seal.tls import TlsFiles
 from seal.tls import channel as open_channel
+from tests.conftest import delete_namespace
 from tests.integration.waiting import wait_finished
 
 LONG_CONTEXT = " ".join(f"Gamma street number {i} has a blue door and a red roof." for i in range(60))
@@ -74,6 +75,7 @@ def test_task_of_a_killed_student_is_reclaimed_and_the_job_completes(
         assert finished.progress.trained == finished.progress.audited == 1
         assert "reclaimed stuck task" in stack.log_path("student").read_text()
         assert _pending(r, apply_stream) == 0
+    delete_namespace(redis_url, stack.namespace)
 
 
 def _pending(r: redis.Redis, stream: str, group: str = "student") -> int:

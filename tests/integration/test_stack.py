@@ -33,6 +33,7 @@ from seal.v1 import (
     student_pb2_grpc,
 )
 from seal.workplane import WorkPlane
+from tests.conftest import delete_namespace
 from tests.integration.waiting import wait_finished
 
 SMALL_JOB = {
@@ -67,6 +68,7 @@ def stack(tiny_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPat
         threads=1,
     ) as running:
         yield running
+    delete_namespace(redis_url, running.namespace)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from seal.embedded_redis import free_port
 from seal.records import JobState
 from seal.signing import VerdictSigner, trust_key
 from seal.stack import LocalStack
+from tests.conftest import delete_namespace
 from tests.integration.waiting import wait_finished
 
 JOB = {
@@ -61,6 +62,7 @@ def stack(
     trust_key(running.trusted_keys_path(), SECOND_AUDITOR.public_key_bytes())
     with running:
         yield running
+    delete_namespace(redis_url, running.namespace)
 
 
 @pytest.fixture(scope="module")
