@@ -80,14 +80,17 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
 
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
         event = decode(Event, payload)
+        if event.proposed is None and event.trained is None and event.audited is None:
+            raise InvalidArgument("payload", "an event must be one of proposed, trained, audited")
+        if not store.exists(event.job_id):  # expired, or named by a forged event: nothing to fold into
+            log.warning("event for an unknown job dropped", extra={"job_id": event.job_id})
+            return {}
         if event.proposed is not None:
             proposed(event.job_id, event.proposed)
         elif event.trained is not None:
             trained(event.job_id, event.trained)
         elif event.audited is not None:
             audited(event.job_id, event.audited)
-        else:
-            raise InvalidArgument("payload", "an event must be one of proposed, trained, audited")
         store.finish_if_complete(event.job_id)
         return {}
 

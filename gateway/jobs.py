@@ -31,7 +31,10 @@ MAX_PAGE = 100
 _JOB_ID = re.compile(r"[0-9a-f]{16}")
 """What create() makes; anything else (e.g. an id with ':state' appended) names no job."""
 
+# KEYS[1] the state hash, KEYS[2] the job itself: a job that does not exist (expired, or named by a
+# forged event) gets no state, so no key without a TTL is ever made.
 _SET_STATE_UNLESS_FINISHED = f"""
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local current = redis.call('HGET', KEYS[1], 'state')
 if {" or ".join(f"current == '{s.value}'" for s in TERMINAL_STATES)} then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
@@ -134,6 +137,9 @@ class JobStore:
         ids = ids[:limit]
         return JobPage([i for i, _ in ids], f"{ids[-1][1]!r}/{ids[-1][0]}" if more else "")
 
+    def exists(self, job_id: str) -> bool:
+        return bool(_JOB_ID.fullmatch(job_id)) and bool(self.redis.exists(self._k("job", job_id)))
+
     def record(self, job_id: str, self_edit_id: str, kind: str, value: dict[str, Any]) -> None:
         """Record a part once: a redelivered event writes the same value, a replayed one changes nothing."""
         key = self._k("job", job_id, "parts")
@@ -148,7 +154,7 @@ class JobStore:
         if error:
             fields += ["error", error]
         # One script, so two gateways cannot interleave the check and the write.
-        self._set_state(keys=[self._k("job", job_id, "state")], args=fields)
+        self._set_state(keys=[self._k("job", job_id, "state"), self._k("job", job_id)], args=fields)
 
     def finish_if_complete(self, job_id: str) -> bool:
         job = self.get(job_id)

@@ -238,3 +238,15 @@ def test_a_malformed_event_is_refused_before_anything_is_recorded(plane, payload
     with pytest.raises(InvalidArgument):
         handle(payload)
     assert not list(plane.redis.scan_iter(plane.key("job", "*")))
+
+
+def test_events_for_a_job_that_does_not_exist_write_nothing(plane) -> None:
+    """A forged or late event for an unknown (or expired) job leaves no key behind, with or without TTL."""
+    store = JobStore(plane)
+    handle = event_handler(store, TrustedKeys.of(AUDITOR.public_key_bytes()))
+    ghost = "0123456789abcdef"
+    edit = _self_edit(ghost)
+    handle(_proposed(ghost, edit))
+    handle(_trained(ghost, edit, _adapter(edit)))
+    store.set_state(ghost, JobState.FAILED, error="late dead letter")
+    assert list(plane.redis.scan_iter(plane.key("job", "*"))) == []
