@@ -202,11 +202,18 @@ LOCAL_TOKEN_FILE = Path(".seal") / "gateway" / "operator-token"
 
 
 def _token(args: argparse.Namespace) -> str:
-    """The gateway API token: --token, else $SEAL_API_TOKEN, else the local stack's operator token
-    (`seal up` in this directory), else none (an open gateway)."""
+    """The gateway API token: --token, else $SEAL_API_TOKEN, else, for the local stack's gateway
+    (`seal up` in this directory), its operator token, else none (an open gateway)."""
     if args.token or os.environ.get("SEAL_API_TOKEN"):
         return str(args.token or os.environ["SEAL_API_TOKEN"])
-    return LOCAL_TOKEN_FILE.read_text().strip() if LOCAL_TOKEN_FILE.is_file() else ""
+    local = _is_local_stack(args) and LOCAL_TOKEN_FILE.is_file()
+    return LOCAL_TOKEN_FILE.read_text().strip() if local else ""
+
+
+def _is_local_stack(args: argparse.Namespace) -> bool:
+    """Whether the command talks to the gateway `seal up` serves: only then are .seal/'s token and
+    client certificate meant for it."""
+    return getattr(args, "gateway", None) == DEFAULT_GATEWAY
 
 
 def _add_token_flag(parser: argparse.ArgumentParser) -> None:
@@ -268,15 +275,15 @@ LOCAL_TLS_DIR = Path(".seal") / "tls"
 
 
 def _client_tls(args: argparse.Namespace):  # noqa: ANN202
-    """mTLS files for talking to a gateway: --tls-ca/--tls-cert/--tls-key, else $SEAL_TLS_*, else the
-    local stack's client certificate (`seal up` in this directory), else none (plaintext)."""
+    """mTLS files for talking to a gateway: --tls-ca/--tls-cert/--tls-key, else $SEAL_TLS_*, else, for
+    the local stack's gateway (`seal up` in this directory), its client certificate, else none."""
     from types import SimpleNamespace
 
     from seal.tls import TlsFiles, tls_files
 
     names = ("tls_ca", "tls_cert", "tls_key")
     given = {n: getattr(args, n) or os.environ.get(f"SEAL_{n.upper()}", "") for n in names}
-    if any(given.values()):
+    if any(given.values()) or not _is_local_stack(args):
         return tls_files(SimpleNamespace(**given))
     local = TlsFiles(LOCAL_TLS_DIR / "ca.pem", LOCAL_TLS_DIR / "client.pem", LOCAL_TLS_DIR / "client.key")
     return local if all(Path(p).is_file() for p in (local.ca, local.cert, local.key)) else None

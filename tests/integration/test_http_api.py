@@ -373,10 +373,11 @@ def test_redis_down_is_unavailable_and_not_serving_then_recovers(tmp_path: Path)
 
 
 def test_cli_status_sends_the_token_from_its_flag_or_environment(
-    gateway: Gateway, monkeypatch, capsys
+    gateway: Gateway, monkeypatch, capsys, tmp_path
 ) -> None:  # noqa: ANN001
     from seal.cli import main
 
+    monkeypatch.chdir(tmp_path)  # no local stack's .seal/ here to fall back on
     job_id = gateway.submit("alice")
     args = ["status", job_id, "--gateway", gateway.grpc_address, "--json"]
     assert main([*args, "--token", gateway.tokens["alice"]]) == 0

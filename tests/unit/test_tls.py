@@ -174,3 +174,30 @@ def test_a_client_command_with_part_of_the_tls_flags_stops_before_dialling(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "missing --tls-key" in err and "--tls-cert" not in err.split("missing")[1]
+
+
+def test_local_stack_credentials_are_used_only_for_the_local_stacks_gateway(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`seal submit/status` find .seal/'s token and client certificate for `seal up`'s gateway, and
+    never send them to another gateway given with --gateway."""
+    from argparse import Namespace
+
+    from seal.cli import DEFAULT_GATEWAY, _client_tls, _token
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SEAL_API_TOKEN", raising=False)
+    for name in ("SEAL_TLS_CA", "SEAL_TLS_CERT", "SEAL_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    make_local_pki(tmp_path / ".seal" / "tls")
+    (tmp_path / ".seal" / "gateway").mkdir(parents=True)
+    (tmp_path / ".seal" / "gateway" / "operator-token").write_text("seal_local\n")
+
+    def args(gateway: str) -> Namespace:
+        return Namespace(gateway=gateway, token="", tls_ca="", tls_cert="", tls_key="")
+
+    local = _client_tls(args(DEFAULT_GATEWAY))
+    assert local is not None and Path(local.cert).name == "client.pem"
+    assert _token(args(DEFAULT_GATEWAY)) == "seal_local"
+    assert _client_tls(args("elsewhere:50051")) is None
+    assert _token(args("elsewhere:50051")) == ""
