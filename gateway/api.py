@@ -185,36 +185,7 @@ def parse_job_spec(data: Any) -> JobSpec:
     """A JobSpec from JSON (HTTP body, CLI file); missing settings take their defaults."""
     if not isinstance(data, dict):
         raise InvalidArgument("body", "must be a JSON object with a 'documents' list")
-    check_text(data)
-    try:
+    try:  # strict: wrong JSON types and lone surrogates are refused with their path (seal.records)
         return from_dict(JobSpec, data)
     except RecordError as exc:
         raise InvalidArgument(exc.path or "body", exc.message) from None
-
-
-def check_text(data: Any) -> None:
-    """Refuse any string (key or value) that is not valid Unicode text, such as a lone surrogate
-    ("\\ud800" in JSON), naming where it is: it could be stored but never encoded again."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not _encodable(key):
-                    raise InvalidArgument(where or "body", "has a key that is not valid Unicode text")
-                stack.append((f"{where}.{key}" if where else key, item))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-        elif isinstance(value, str) and not _encodable(value):
-            raise InvalidArgument(
-                where or "body",
-                "is not valid Unicode text (a lone surrogate such as \\ud800); send UTF-8 text",
-            )
-
-
-def _encodable(text: Any) -> bool:
-    try:
-        str(text).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

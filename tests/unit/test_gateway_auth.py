@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.api import WatcherSlots, check_text, parse_job_spec
+from gateway.api import WatcherSlots, parse_job_spec
 from gateway.auth import (
     ANONYMOUS,
     Authenticator,
@@ -134,9 +134,11 @@ def test_a_lone_surrogate_is_refused_naming_its_field() -> None:
         parse_job_spec(job)
     assert err.value.field == "documents[0].questions[0].question"
     with pytest.raises(InvalidArgument) as err:
-        check_text({"lora": {"\udfff": 1}})
-    assert err.value.field == "lora"
-    check_text({"documents": [{"title": "Zürich, 東京, 🙂"}]})  # real non-ASCII text passes
+        parse_job_spec({"documents": [], "lora": {"\udfff": 1}})
+    assert err.value.field == "lora" and "\\udfff" in str(err.value)  # named, and escaped in the message
+    str(err.value).encode("utf-8")  # the error body itself can be sent
+    spec = parse_job_spec({"documents": [{"title": "Zürich, 東京, 🙂", "context": "c"}]})
+    assert spec.documents[0].title == "Zürich, 東京, 🙂"  # real non-ASCII text passes
 
 
 def test_watcher_slots_are_bounded_and_released_once() -> None:
