@@ -42,6 +42,7 @@ from seal.tls import TlsFiles, tls_files
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_document
 from seal.workplane import Task, WorkPlane
+from student.artifacts import prune_adapters
 from student.client import fetch_registered
 
 # Documents whose baseline answers are kept (a job's N + 1 adapters share one document's baseline).
@@ -62,6 +63,8 @@ class AuditorEngine:
     adapter_max_bytes: int = 512 * 1024 * 1024
     adapter_max_files: int = 8
     student_wait_s: float = 600.0
+    retention: int = 0
+    """Fetched adapters kept on disk, oldest pruned first (0 keeps all)."""
     tls: TlsFiles | None = None
     """mTLS files for fetching adapters from students; None: plaintext."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -109,6 +112,7 @@ class AuditorEngine:
                 metric=self.metric,
                 anchor_before=self._anchor_before,
             )
+            prune_adapters(self.adapters_root, self.retention)  # copies: the student keeps the original
         return self.signer.sign(verdict, ttl_s=self.verdict_ttl_s)
 
     def _baseline(self, doc: Document) -> list[QuestionScore]:
@@ -195,6 +199,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         adapter_max_bytes=config.adapter_max_bytes,
         adapter_max_files=config.adapter_max_files,
         student_wait_s=config.student_wait_s,
+        retention=config.adapter_retention,
         tls=tls,
     )
     worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)

@@ -88,7 +88,7 @@ class ServiceConfig:
     max_train_tokens: int = 2_000_000
     """Student: compute budget of one update, epochs x training tokens; larger self-edits are refused."""
     adapter_retention: int = 200
-    """Student: adapters kept on disk (oldest pruned first); 0 keeps all."""
+    """Student and auditor: adapters kept on disk (oldest pruned first, none younger than an hour); 0 keeps all."""
     http_max_body_bytes: int = 16 * 1024 * 1024
     """Gateway: largest HTTP request body."""
     http_max_concurrency: int = 64

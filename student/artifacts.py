@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,22 @@ def list_adapters(adapters_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
-def prune_adapters(adapters_root: Path, keep: int) -> list[str]:
-    """Delete the oldest adapters beyond the newest `keep` (0 keeps all); returns the removed digests."""
+# An adapter this young is never pruned, however many there are: its audit may not have fetched it
+# yet (a backlog of audits is normal under load), and a pruned adapter could not be judged.
+MIN_ADAPTER_AGE_S = 3600.0
+
+
+def prune_adapters(adapters_root: Path, keep: int, min_age_s: float = MIN_ADAPTER_AGE_S) -> list[str]:
+    """Delete the oldest adapters beyond the newest `keep` (0 keeps all), sparing any younger than
+    `min_age_s`; returns the removed digests."""
     if keep <= 0:
         return []
     adapters = list_adapters(adapters_root)
+    cutoff = time.time() - min_age_s
     removed = []
     for path in adapters[: max(0, len(adapters) - keep)]:
+        if path.stat().st_mtime > cutoff:
+            break  # oldest first: every later one is younger still
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
     return removed

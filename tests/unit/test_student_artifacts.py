@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,5 +265,10 @@ def test_prune_keeps_the_newest_adapters(trained, tmp_path: Path) -> None:
         os.utime(path, (1000 + i, 1000 + i))
         shas.append(sha)
     assert prune_adapters(tmp_path, 0) == []  # 0 keeps all
-    assert prune_adapters(tmp_path, 2) == shas[:2]
+    now = time.time()
+    os.utime(tmp_path / shas[2], (now - 10, now - 10))  # young: its audit may not have fetched it yet
+    os.utime(tmp_path / shas[3], (now, now))
+    assert prune_adapters(tmp_path, 1) == shas[:2]  # the two old ones go; the young one is spared
     assert [p.name for p in list_adapters(tmp_path)] == shas[2:]
+    assert prune_adapters(tmp_path, 1, min_age_s=0) == [shas[2]]
+    assert [p.name for p in list_adapters(tmp_path)] == shas[3:]
