@@ -8,13 +8,14 @@ or back on another port) delays the fetch, with backoff for up to `wait_s`, inst
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
-from seal.errors import PermanentError
+from seal.errors import InvalidArgument, PermanentError
 from seal.records import AdapterRef
 from seal.registry import StudentRegistry
 from seal.server import GRPC_OPTIONS
@@ -62,10 +63,19 @@ def fetch_registered(
     tls: TlsFiles | None = None,
 ) -> Path:
     """The verified local copy of `adapter`, fetched from any registered student that holds it."""
-    local = adapter_path(adapters_root, adapter.sha256)
+    try:
+        local = adapter_path(adapters_root, adapter.sha256)
+    except ValueError as exc:
+        raise InvalidArgument("adapter.sha256", str(exc)) from None
     if local.is_dir():
-        verify_adapter(local)
-        return local
+        try:
+            verify_adapter(local)
+            return local
+        except ValueError:  # a damaged copy (disk, or edited by hand): fetch it again
+            log.warning(
+                "local copy of the adapter is damaged; fetching it again", extra={"sha256": adapter.sha256}
+            )
+            shutil.rmtree(local, ignore_errors=True)
     declared = sum(f.size for f in adapter.files)
     if declared > max_bytes or len(adapter.files) > max_files:
         raise AdapterTooLarge(

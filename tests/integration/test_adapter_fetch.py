@@ -121,3 +121,21 @@ def test_a_registration_lapses_without_renewal(plane) -> None:
     assert 0 < plane.redis.ttl(plane.key("students", "student-x")) <= 1
     registry.unregister("student-x")
     assert registry.address("student-x") is None
+
+
+def test_a_damaged_local_copy_is_fetched_again(held, tmp_path: Path) -> None:
+    registry, ref, address = held
+    registry.register("student-a", address)
+    local = fetch_registered(registry, ref, tmp_path / "auditor", 10**6, 8, wait_s=5)
+    (local / "adapter_config.json").write_text('{"r": 64, "lora_alpha": 512}')  # altered on disk
+    again = fetch_registered(registry, ref, tmp_path / "auditor", 10**6, 8, wait_s=5)
+    assert manifest_sha256(directory_manifest(again)) == ref.sha256
+
+
+def test_a_malformed_adapter_digest_is_invalid_argument_not_retried(held, tmp_path: Path) -> None:
+    from seal.errors import InvalidArgument
+
+    registry, ref, _ = held
+    bad = ref.__class__(**{**ref.__dict__, "sha256": "../../etc"})
+    with pytest.raises(InvalidArgument, match="adapter.sha256"):
+        fetch_registered(registry, bad, tmp_path / "auditor", 10**6, 8, wait_s=5)
