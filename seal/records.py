@@ -27,6 +27,9 @@ class EditFormat(str, enum.Enum):
     SELF_QA = "self_qa"
     # The control condition: train on the passage alone, no synthetic data.
     PASSAGE = "passage"
+    # The reference's "a long list" / "a very long list" variants of the implications prompt.
+    IMPLICATIONS_LONG = "implications_long"
+    IMPLICATIONS_VERY_LONG = "implications_very_long"
 
 
 class JobState(str, enum.Enum):
@@ -88,6 +91,11 @@ class LoraSettings:
         "down_proj",
     )
     seed: int = 0
+    # "linear": decay to 0 over the run (the Hugging Face Trainer default the reference runs);
+    # "constant": the same rate throughout.
+    schedule: str = "linear"
+    # Clip gradients to this global norm (the reference: 1.0); 0 switches clipping off.
+    max_grad_norm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,81 @@ class JobSpec:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Also train on the passage alone: the paper's "train on passage" baseline row.
     passage_control: bool = True
-    # Base model to adapt; empty means the deployment's model.
+    # Base model to adapt (the student's); empty means the deployment's model.
     model: str = ""
+    # Training runs (seeds) per self-edit; the reward is their mean.
+    seeds: int = 1
+    # The teacher's model; empty means the deployment's. May differ from the student's.
+    teacher_model: str = ""
+    # The teacher policy version that writes the self-edits; empty for the base policy.
+    policy_version: str = ""
+    # Set for a policy-training job (ReST-EM): `documents` are then the training contexts.
+    policy_training: PolicyTraining | None = None
+    # The policy-training job this job is a round of (set by the gateway only).
+    parent_job_id: str = ""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """How the M-step fine-tunes the teacher's policy (the reference: LoRA r64 α128, lr 3e-4, 2 epochs;
+    rank and learning rate here suit a 135M teacher on a CPU, and are settings)."""
+
+    objective: str = "sft"
+    rank: int = 16
+    alpha: float = 32.0
+    learning_rate: float = 3e-4
+    epochs: int = 2
+    batch_size: int = 2
+    beta: float = 0.1
+    discopop_tau: float = 0.05
+    max_seq_len: int = 2048
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyTraining:
+    """The outer loop's settings: R rounds of E-step (sample, train, audit) and M-step."""
+
+    rounds: int = 2
+    # "best_of_n" (the best self-edit per context, as the reference code keeps) or "threshold" (every
+    # self-edit whose mean reward exceeds reward_threshold, as the paper's equation states).
+    selection: str = "best_of_n"
+    reward_threshold: float = 0.0
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    continue_from_last: bool = True
+
+
+@dataclass(frozen=True)
+class PolicyExample:
+    context_id: str = ""
+    prompt: str = ""
+    chosen: str = ""
+    rejected: str = ""
+    chosen_reward: float = 0.0
+    rejected_reward: float = 0.0
+    # "<self_edit_id>@<adapter_sha256>" of every verdict the rewards came from.
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    """A trained teacher policy (a LoRA on the teacher's base), addressed by its manifest digest."""
+
+    version: str = ""
+    round: int = 0
+    parent: str = ""
+    base_model: str = ""
+    base_fingerprint: str = ""
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    training_data_sha256: str = ""
+    examples: int = 0
+    final_loss: float = 0.0
+    train_seconds: float = 0.0
+    job_id: str = ""
+    evidence: tuple[str, ...] = ()
+    created_at: float = 0.0
+    round_mean_reward: float = 0.0
+    teacher_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +207,10 @@ class ProposeTask:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     # Also emit the passage-only control self-edit.
     passage_control: bool = False
+    policy_version: str = ""
+    teacher_model: str = ""
+    # Training runs per self-edit (one apply task each); 0 is read as 1.
+    seeds: int = 1
 
 
 @dataclass(frozen=True)
@@ -143,6 +228,11 @@ class SelfEdit:
     lora: LoraSettings
     teacher_model: str = ""
     generation_seconds: float = 0.0
+    # The teacher policy version that wrote it ("" for the base policy).
+    policy_version: str = ""
+    # Update directives written in the self-edit (JSON object text), and why they were refused if so.
+    directives: str = ""
+    directive_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,6 +270,8 @@ class QuestionScore:
     f1: float
     contains: bool
     correct: bool
+    # The LLM judge's grade, when a judge is configured.
+    judged_correct: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +301,7 @@ class Verdict:
     expires_at: float = 0.0
     # Base64 of the signed VerdictStatement bytes (bytes fields are base64 text in records).
     statement: str = ""
+    judge_model: str = ""
 
     def failed_checks(self) -> tuple[str, ...]:
         """Names of the guardrail checks that failed (checks read "name:pass" or "name:fail:detail")."""
@@ -228,6 +321,8 @@ class ProposeResult:
 @dataclass(frozen=True)
 class ApplyTask:
     self_edit: SelfEdit | None = None
+    # Which training run of the self-edit: the LoRA seed is lora.seed + run.
+    run: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,6 +334,7 @@ class ApplyResult:
 class AuditTask:
     self_edit: SelfEdit | None = None
     adapter: AdapterRef | None = None
+    run: int = 0
 
 
 @dataclass(frozen=True)
@@ -256,22 +352,49 @@ class Proposed:
 class Trained:
     self_edit_id: str = ""
     adapter: AdapterRef | None = None
+    run: int = 0
 
 
 @dataclass(frozen=True)
 class Audited:
     self_edit_id: str = ""
     verdict: Verdict | None = None
+    run: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyTask:
+    """The M-step of one round: fine-tune the teacher's policy on the selected examples."""
+
+    job_id: str = ""
+    round: int = 0
+    parent: str = ""
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    examples: tuple[PolicyExample, ...] = ()
+    round_mean_reward: float = 0.0
+    teacher_model: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    policy: PolicyVersion | None = None
+
+
+@dataclass(frozen=True)
+class PolicyTrained:
+    round: int = 0
+    policy: PolicyVersion | None = None
 
 
 @dataclass(frozen=True)
 class Event:
-    """What a service reports to the gateway: exactly one of proposed, trained, audited."""
+    """What a service reports to the gateway: exactly one of proposed, trained, audited, policy_trained."""
 
     job_id: str = ""
     proposed: Proposed | None = None
     trained: Trained | None = None
     audited: Audited | None = None
+    policy_trained: PolicyTrained | None = None
 
 
 @dataclass(frozen=True)
@@ -286,10 +409,27 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
-class EditResult:
-    self_edit: SelfEdit
+class SeedRun:
+    run: int
     adapter: AdapterRef | None = None
     verdict: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class EditResult:
+    self_edit: SelfEdit
+    # Training run 0.
+    adapter: AdapterRef | None = None
+    verdict: Verdict | None = None
+    # Runs 1..seeds-1: the same self-edit trained with other seeds.
+    more_runs: tuple[SeedRun, ...] = ()
+    # Mean and standard deviation of the reward over the audited runs (None before any verdict).
+    reward: float | None = None
+    reward_std: float = 0.0
+
+    def runs(self) -> tuple[SeedRun, ...]:
+        """Every training run, run 0 first."""
+        return (SeedRun(0, self.adapter, self.verdict), *self.more_runs)
 
 
 @dataclass(frozen=True)
@@ -308,6 +448,21 @@ class Progress:
     self_edits: int = 0
     trained: int = 0
     audited: int = 0
+    # Policy-training jobs: the round under way (1-based) and how many there are.
+    round: int = 0
+    rounds: int = 0
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    job_id: str = ""
+    policy_version: str = ""
+    contexts: int = 0
+    contexts_done: int = 0
+    mean_reward: float | None = None
+    trained: PolicyVersion | None = None
+    selected: int = 0
 
 
 @dataclass(frozen=True)
@@ -320,6 +475,9 @@ class Job:
     error: str = ""
     progress: Progress = field(default_factory=Progress)
     documents: tuple[DocumentResult, ...] = ()
+    # Policy-training jobs: one entry per round started, and the last policy a round produced.
+    rounds: tuple[RoundResult, ...] = ()
+    policy_version: str = ""
 
 
 # --- JSON round trip -------------------------------------------------------------------------------

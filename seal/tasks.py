@@ -23,6 +23,8 @@ from seal.records import (
     AuditTask,
     DeadLetter,
     Event,
+    PolicyResult,
+    PolicyTask,
     ProposeResult,
     ProposeTask,
 )
@@ -39,6 +41,8 @@ MESSAGES: dict[type, type[Message]] = {
     AuditResult: tasks_pb2.AuditResult,
     Event: tasks_pb2.Event,
     DeadLetter: tasks_pb2.DeadLetter,
+    PolicyTask: tasks_pb2.PolicyTask,
+    PolicyResult: tasks_pb2.PolicyResult,
 }
 
 # What each task stream carries (the gateway reads dead letters by it).
@@ -46,6 +50,7 @@ TASK_TYPES: dict[str, type] = {
     "propose": ProposeTask,
     "apply": ApplyTask,
     "audit": AuditTask,
+    "policy": PolicyTask,
     "events": Event,
 }
 

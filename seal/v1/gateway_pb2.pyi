@@ -42,6 +42,60 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
+class ListPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesRequest: _TypeAlias = ListPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.PolicyVersion]: ...
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[_types_pb2.PolicyVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesResponse: _TypeAlias = ListPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
 class JobSpec(_message.Message):
     """A knowledge-incorporation job: adapt the model to each document's context, judge on its τ."""
 
@@ -54,19 +108,36 @@ class JobSpec(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     PASSAGE_CONTROL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_TRAINING_FIELD_NUMBER: _builtins.int
+    PARENT_JOB_ID_FIELD_NUMBER: _builtins.int
     n_self_edits: _builtins.int
     """Self-edits per document (N)."""
     edit_format: _types_pb2.EditFormat.ValueType
     passage_control: _builtins.bool
     """Also train on the passage alone (the "train on passage" baseline). Default true."""
     model: _builtins.str
-    """Base model to adapt; empty for the deployment's model."""
+    """Base model to adapt (the student's); empty for the deployment's model."""
+    seeds: _builtins.int
+    """Training runs (seeds) per self-edit; the reward is their mean. Default 1."""
+    teacher_model: _builtins.str
+    """The teacher's model; empty for the deployment's. May differ from the student's."""
+    policy_version: _builtins.str
+    """The teacher policy version that writes the self-edits; empty for the base policy."""
+    parent_job_id: _builtins.str
+    """The policy-training job this job is a round of (set by the gateway, never by a client)."""
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Document]: ...
     @_builtins.property
     def lora(self) -> _types_pb2.LoraSettings: ...
     @_builtins.property
     def sampling(self) -> _types_pb2.SamplingSettings: ...
+    @_builtins.property
+    def policy_training(self) -> Global___PolicyTraining:
+        """Set for a policy-training job (ReST-EM): `documents` are then the training contexts with τ."""
+
     def __init__(
         self,
         *,
@@ -77,21 +148,132 @@ class JobSpec(_message.Message):
         sampling: _types_pb2.SamplingSettings | None = ...,
         passage_control: _builtins.bool | None = ...,
         model: _builtins.str = ...,
+        seeds: _builtins.int | None = ...,
+        teacher_model: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        policy_training: Global___PolicyTraining | None = ...,
+        parent_job_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "lora", b"lora", "n_self_edits", b"n_self_edits", "passage_control", b"passage_control", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "_seeds", b"_seeds", "lora", b"lora", "n_self_edits", b"n_self_edits", "passage_control", b"passage_control", "policy_training", b"policy_training", "sampling", b"sampling", "seeds", b"seeds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "documents", b"documents", "edit_format", b"edit_format", "lora", b"lora", "model", b"model", "n_self_edits", b"n_self_edits", "passage_control", b"passage_control", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "_seeds", b"_seeds", "documents", b"documents", "edit_format", b"edit_format", "lora", b"lora", "model", b"model", "n_self_edits", b"n_self_edits", "parent_job_id", b"parent_job_id", "passage_control", b"passage_control", "policy_training", b"policy_training", "policy_version", b"policy_version", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__n_self_edits: _TypeAlias = _typing.Literal["n_self_edits"]  # noqa: Y015
     _WhichOneofArgType__n_self_edits: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits"]  # noqa: Y015
     _WhichOneofReturnType__passage_control: _TypeAlias = _typing.Literal["passage_control"]  # noqa: Y015
     _WhichOneofArgType__passage_control: _TypeAlias = _typing.Literal["_passage_control", b"_passage_control"]  # noqa: Y015
+    _WhichOneofReturnType__seeds: _TypeAlias = _typing.Literal["seeds"]  # noqa: Y015
+    _WhichOneofArgType__seeds: _TypeAlias = _typing.Literal["_seeds", b"_seeds"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__n_self_edits) -> _WhichOneofReturnType__n_self_edits | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__passage_control) -> _WhichOneofReturnType__passage_control | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seeds) -> _WhichOneofReturnType__seeds | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class PolicyTraining(_message.Message):
+    """The outer loop: R rounds of E-step (sample N self-edits per context, train and audit each with
+    every seed) and M-step (fine-tune the teacher's policy on the selected self-edits).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    REWARD_THRESHOLD_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    CONTINUE_FROM_LAST_FIELD_NUMBER: _builtins.int
+    rounds: _builtins.int
+    selection: _builtins.str
+    """"best_of_n": the best self-edit per context, as the reference code keeps;
+    "threshold": every self-edit whose mean reward exceeds `reward_threshold` (the paper's equation).
+    """
+    reward_threshold: _builtins.float
+    continue_from_last: _builtins.bool
+    """Start each round from the last round's policy (default) or from the base policy."""
+    @_builtins.property
+    def policy(self) -> _types_pb2.PolicySettings: ...
+    def __init__(
+        self,
+        *,
+        rounds: _builtins.int | None = ...,
+        selection: _builtins.str | None = ...,
+        reward_threshold: _builtins.float | None = ...,
+        policy: _types_pb2.PolicySettings | None = ...,
+        continue_from_last: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_continue_from_last", b"_continue_from_last", "_reward_threshold", b"_reward_threshold", "_rounds", b"_rounds", "_selection", b"_selection", "continue_from_last", b"continue_from_last", "policy", b"policy", "reward_threshold", b"reward_threshold", "rounds", b"rounds", "selection", b"selection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_continue_from_last", b"_continue_from_last", "_reward_threshold", b"_reward_threshold", "_rounds", b"_rounds", "_selection", b"_selection", "continue_from_last", b"continue_from_last", "policy", b"policy", "reward_threshold", b"reward_threshold", "rounds", b"rounds", "selection", b"selection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__continue_from_last: _TypeAlias = _typing.Literal["continue_from_last"]  # noqa: Y015
+    _WhichOneofArgType__continue_from_last: _TypeAlias = _typing.Literal["_continue_from_last", b"_continue_from_last"]  # noqa: Y015
+    _WhichOneofReturnType__reward_threshold: _TypeAlias = _typing.Literal["reward_threshold"]  # noqa: Y015
+    _WhichOneofArgType__reward_threshold: _TypeAlias = _typing.Literal["_reward_threshold", b"_reward_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__rounds: _TypeAlias = _typing.Literal["rounds"]  # noqa: Y015
+    _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
+    _WhichOneofReturnType__selection: _TypeAlias = _typing.Literal["selection"]  # noqa: Y015
+    _WhichOneofArgType__selection: _TypeAlias = _typing.Literal["_selection", b"_selection"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__continue_from_last) -> _WhichOneofReturnType__continue_from_last | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_threshold) -> _WhichOneofReturnType__reward_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds) -> _WhichOneofReturnType__rounds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__selection) -> _WhichOneofReturnType__selection | None: ...
+
+Global___PolicyTraining: _TypeAlias = PolicyTraining  # noqa: Y015
+
+@_typing.final
+class RoundResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    CONTEXTS_FIELD_NUMBER: _builtins.int
+    CONTEXTS_DONE_FIELD_NUMBER: _builtins.int
+    MEAN_REWARD_FIELD_NUMBER: _builtins.int
+    TRAINED_FIELD_NUMBER: _builtins.int
+    SELECTED_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    job_id: _builtins.str
+    """The E-step's job (a knowledge-incorporation job written by `policy_version`)."""
+    policy_version: _builtins.str
+    contexts: _builtins.int
+    contexts_done: _builtins.int
+    mean_reward: _builtins.float
+    """Mean over audited self-edits of their mean reward; unset until one is audited."""
+    selected: _builtins.int
+    @_builtins.property
+    def trained(self) -> _types_pb2.PolicyVersion:
+        """The M-step's result: the policy trained on this round's selection."""
+
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        contexts: _builtins.int = ...,
+        contexts_done: _builtins.int = ...,
+        mean_reward: _builtins.float | None = ...,
+        trained: _types_pb2.PolicyVersion | None = ...,
+        selected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_reward", b"_mean_reward", "mean_reward", b"mean_reward", "trained", b"trained"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_reward", b"_mean_reward", "contexts", b"contexts", "contexts_done", b"contexts_done", "job_id", b"job_id", "mean_reward", b"mean_reward", "policy_version", b"policy_version", "round", b"round", "selected", b"selected", "trained", b"trained"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__mean_reward: _TypeAlias = _typing.Literal["mean_reward"]  # noqa: Y015
+    _WhichOneofArgType__mean_reward: _TypeAlias = _typing.Literal["_mean_reward", b"_mean_reward"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_reward) -> _WhichOneofReturnType__mean_reward | None: ...
+
+Global___RoundResult: _TypeAlias = RoundResult  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):
@@ -119,8 +301,52 @@ class EditResult(_message.Message):
     SELF_EDIT_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
+    MORE_RUNS_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    REWARD_STD_FIELD_NUMBER: _builtins.int
+    reward: _builtins.float
+    """Mean and standard deviation of the reward over the audited runs."""
+    reward_std: _builtins.float
     @_builtins.property
     def self_edit(self) -> _types_pb2.SelfEdit: ...
+    @_builtins.property
+    def adapter(self) -> _types_pb2.AdapterRef:
+        """Training run 0."""
+
+    @_builtins.property
+    def verdict(self) -> _types_pb2.Verdict: ...
+    @_builtins.property
+    def more_runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeedRun]:
+        """Runs 1..seeds-1 (other seeds of the same self-edit)."""
+
+    def __init__(
+        self,
+        *,
+        self_edit: _types_pb2.SelfEdit | None = ...,
+        adapter: _types_pb2.AdapterRef | None = ...,
+        verdict: _types_pb2.Verdict | None = ...,
+        more_runs: _abc.Iterable[Global___SeedRun] | None = ...,
+        reward: _builtins.float | None = ...,
+        reward_std: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reward", b"_reward", "adapter", b"adapter", "reward", b"reward", "self_edit", b"self_edit", "verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reward", b"_reward", "adapter", b"adapter", "more_runs", b"more_runs", "reward", b"reward", "reward_std", b"reward_std", "self_edit", b"self_edit", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reward: _TypeAlias = _typing.Literal["reward"]  # noqa: Y015
+    _WhichOneofArgType__reward: _TypeAlias = _typing.Literal["_reward", b"_reward"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward) -> _WhichOneofReturnType__reward | None: ...
+
+Global___EditResult: _TypeAlias = EditResult  # noqa: Y015
+
+@_typing.final
+class SeedRun(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    run: _builtins.int
     @_builtins.property
     def adapter(self) -> _types_pb2.AdapterRef: ...
     @_builtins.property
@@ -128,17 +354,17 @@ class EditResult(_message.Message):
     def __init__(
         self,
         *,
-        self_edit: _types_pb2.SelfEdit | None = ...,
+        run: _builtins.int = ...,
         adapter: _types_pb2.AdapterRef | None = ...,
         verdict: _types_pb2.Verdict | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit", "verdict", b"verdict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "run", b"run", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EditResult: _TypeAlias = EditResult  # noqa: Y015
+Global___SeedRun: _TypeAlias = SeedRun  # noqa: Y015
 
 @_typing.final
 class DocumentResult(_message.Message):
@@ -183,11 +409,16 @@ class Progress(_message.Message):
     SELF_EDITS_FIELD_NUMBER: _builtins.int
     TRAINED_FIELD_NUMBER: _builtins.int
     AUDITED_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
     documents: _builtins.int
     proposed: _builtins.int
     self_edits: _builtins.int
     trained: _builtins.int
     audited: _builtins.int
+    round: _builtins.int
+    """Policy-training jobs: the round under way (1-based) and how many there are."""
+    rounds: _builtins.int
     def __init__(
         self,
         *,
@@ -196,10 +427,12 @@ class Progress(_message.Message):
         self_edits: _builtins.int = ...,
         trained: _builtins.int = ...,
         audited: _builtins.int = ...,
+        round: _builtins.int = ...,
+        rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "documents", b"documents", "proposed", b"proposed", "self_edits", b"self_edits", "trained", b"trained"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "documents", b"documents", "proposed", b"proposed", "round", b"round", "rounds", b"rounds", "self_edits", b"self_edits", "trained", b"trained"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,17 +450,25 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     created_at: _builtins.float
     finished_at: _builtins.float
     error: _builtins.str
+    policy_version: _builtins.str
+    """The last policy version a round produced ("" before the first)."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
     def progress(self) -> Global___Progress: ...
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentResult]: ...
+    @_builtins.property
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundResult]:
+        """Policy-training jobs: one entry per round started."""
+
     def __init__(
         self,
         *,
@@ -239,10 +480,12 @@ class Job(_message.Message):
         error: _builtins.str = ...,
         progress: Global___Progress | None = ...,
         documents: _abc.Iterable[Global___DocumentResult] | None = ...,
+        rounds: _abc.Iterable[Global___RoundResult] | None = ...,
+        policy_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "documents", b"documents", "error", b"error", "finished_at", b"finished_at", "id", b"id", "progress", b"progress", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "documents", b"documents", "error", b"error", "finished_at", b"finished_at", "id", b"id", "policy_version", b"policy_version", "progress", b"progress", "rounds", b"rounds", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from seal.v1 import gateway_pb2 as seal_dot_v1_dot_gateway__pb2
+from seal.v1 import types_pb2 as seal_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -50,6 +51,16 @@ class GatewayStub:
                 request_serializer=seal_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_gateway__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/seal.v1.Gateway/ListPolicies',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/seal.v1.Gateway/GetPolicy',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_types__pb2.PolicyVersion.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -75,6 +86,20 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPolicies(self, request, context):
+        """Teacher policy versions the policy-training jobs produced, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """One policy version with its lineage; NOT_FOUND when none has that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +117,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=seal_dot_v1_dot_gateway__pb2.GetJobRequest.FromString,
                     response_serializer=seal_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.GetPolicyRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_types__pb2.PolicyVersion.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +211,60 @@ class Gateway:
             '/seal.v1.Gateway/WatchJob',
             seal_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
             seal_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/ListPolicies',
+            seal_dot_v1_dot_gateway__pb2.ListPoliciesRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/GetPolicy',
+            seal_dot_v1_dot_gateway__pb2.GetPolicyRequest.SerializeToString,
+            seal_dot_v1_dot_types__pb2.PolicyVersion.FromString,
             options,
             channel_credentials,
             insecure,

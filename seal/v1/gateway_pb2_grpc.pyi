@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from seal.v1 import gateway_pb2 as _gateway_pb2
+from seal.v1 import types_pb2 as _types_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -37,6 +38,10 @@ class GatewayStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetJobRequest, _gateway_pb2.Job]
     WatchJob: _grpc.UnaryStreamMultiCallable[_gateway_pb2.GetJobRequest, _gateway_pb2.Job]
     """Streams the job each time it changes, until it is finished."""
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListPoliciesRequest, _gateway_pb2.ListPoliciesResponse]
+    """Teacher policy versions the policy-training jobs produced, newest first."""
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyRequest, _types_pb2.PolicyVersion]
+    """One policy version with its lineage; NOT_FOUND when none has that name."""
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -47,6 +52,10 @@ class GatewayAsyncStub(GatewayStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetJobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
     WatchJob: _aio.UnaryStreamMultiCallable[_gateway_pb2.GetJobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
     """Streams the job each time it changes, until it is finished."""
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListPoliciesRequest, _gateway_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """Teacher policy versions the policy-training jobs produced, newest first."""
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyRequest, _types_pb2.PolicyVersion]  # type: ignore[assignment]
+    """One policy version with its lineage; NOT_FOUND when none has that name."""
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     """The front door: accepts jobs, conducts the rounds, reports results."""
@@ -72,5 +81,21 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.Job], _abc.AsyncIterator[_gateway_pb2.Job]]:
         """Streams the job each time it changes, until it is finished."""
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _gateway_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListPoliciesResponse, _abc.Awaitable[_gateway_pb2.ListPoliciesResponse]]:
+        """Teacher policy versions the policy-training jobs produced, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _gateway_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.PolicyVersion, _abc.Awaitable[_types_pb2.PolicyVersion]]:
+        """One policy version with its lineage; NOT_FOUND when none has that name."""
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

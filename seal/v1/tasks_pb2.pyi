@@ -38,12 +38,21 @@ class ProposeTask(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     PASSAGE_CONTROL_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     format: _types_pb2.EditFormat.ValueType
     n: _builtins.int
     passage_control: _builtins.bool
     """Also emit the passage-only control self-edit."""
+    policy_version: _builtins.str
+    """The teacher policy version to sample with ("" for the base policy)."""
+    teacher_model: _builtins.str
+    """The teacher model the job names ("" for the deployment's)."""
+    seeds: _builtins.int
+    """Training runs (seeds) per self-edit: apply tasks for runs 0..seeds-1."""
     @_builtins.property
     def passage(self) -> _types_pb2.Passage: ...
     @_builtins.property
@@ -61,10 +70,13 @@ class ProposeTask(_message.Message):
         lora: _types_pb2.LoraSettings | None = ...,
         sampling: _types_pb2.SamplingSettings | None = ...,
         passage_control: _builtins.bool = ...,
+        policy_version: _builtins.str = ...,
+        teacher_model: _builtins.str = ...,
+        seeds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "passage", b"passage", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "passage_control", b"passage_control", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "passage_control", b"passage_control", "policy_version", b"policy_version", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,16 +109,20 @@ class ApplyTask(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SELF_EDIT_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    run: _builtins.int
+    """Which training run of the self-edit: the LoRA seed is lora.seed + run."""
     @_builtins.property
     def self_edit(self) -> _types_pb2.SelfEdit: ...
     def __init__(
         self,
         *,
         self_edit: _types_pb2.SelfEdit | None = ...,
+        run: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["self_edit", b"self_edit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["self_edit", b"self_edit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run", "self_edit", b"self_edit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,6 +156,8 @@ class AuditTask(_message.Message):
 
     SELF_EDIT_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    run: _builtins.int
     @_builtins.property
     def self_edit(self) -> _types_pb2.SelfEdit: ...
     @_builtins.property
@@ -149,10 +167,11 @@ class AuditTask(_message.Message):
         *,
         self_edit: _types_pb2.SelfEdit | None = ...,
         adapter: _types_pb2.AdapterRef | None = ...,
+        run: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "run", b"run", "self_edit", b"self_edit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -188,6 +207,7 @@ class Event(_message.Message):
     PROPOSED_FIELD_NUMBER: _builtins.int
     TRAINED_FIELD_NUMBER: _builtins.int
     AUDITED_FIELD_NUMBER: _builtins.int
+    POLICY_TRAINED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     @_builtins.property
     def proposed(self) -> Global___Proposed: ...
@@ -195,6 +215,8 @@ class Event(_message.Message):
     def trained(self) -> Global___Trained: ...
     @_builtins.property
     def audited(self) -> Global___Audited: ...
+    @_builtins.property
+    def policy_trained(self) -> Global___PolicyTrained: ...
     def __init__(
         self,
         *,
@@ -202,12 +224,13 @@ class Event(_message.Message):
         proposed: Global___Proposed | None = ...,
         trained: Global___Trained | None = ...,
         audited: Global___Audited | None = ...,
+        policy_trained: Global___PolicyTrained | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "kind", b"kind", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "kind", b"kind", "policy_trained", b"policy_trained", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "job_id", b"job_id", "kind", b"kind", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "job_id", b"job_id", "kind", b"kind", "policy_trained", b"policy_trained", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["proposed", "trained", "audited"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["proposed", "trained", "audited", "policy_trained"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -242,7 +265,9 @@ class Trained(_message.Message):
 
     SELF_EDIT_ID_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     self_edit_id: _builtins.str
+    run: _builtins.int
     @_builtins.property
     def adapter(self) -> _types_pb2.AdapterRef: ...
     def __init__(
@@ -250,10 +275,11 @@ class Trained(_message.Message):
         *,
         self_edit_id: _builtins.str = ...,
         adapter: _types_pb2.AdapterRef | None = ...,
+        run: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit_id", b"self_edit_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "run", b"run", "self_edit_id", b"self_edit_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,7 +291,9 @@ class Audited(_message.Message):
 
     SELF_EDIT_ID_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     self_edit_id: _builtins.str
+    run: _builtins.int
     @_builtins.property
     def verdict(self) -> _types_pb2.Verdict: ...
     def __init__(
@@ -273,14 +301,102 @@ class Audited(_message.Message):
         *,
         self_edit_id: _builtins.str = ...,
         verdict: _types_pb2.Verdict | None = ...,
+        run: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["self_edit_id", b"self_edit_id", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run", "self_edit_id", b"self_edit_id", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Audited: _TypeAlias = Audited  # noqa: Y015
+
+@_typing.final
+class PolicyTask(_message.Message):
+    """seal:policy — the M-step of one round of a policy-training job, for a teacher."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    ROUND_MEAN_REWARD_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The policy-training job."""
+    round: _builtins.int
+    parent: _builtins.str
+    """Continue from this version ("" to start from the base policy)."""
+    round_mean_reward: _builtins.float
+    teacher_model: _builtins.str
+    """The teacher model the job names ("" for the deployment's)."""
+    @_builtins.property
+    def settings(self) -> _types_pb2.PolicySettings: ...
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.PolicyExample]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        parent: _builtins.str = ...,
+        settings: _types_pb2.PolicySettings | None = ...,
+        examples: _abc.Iterable[_types_pb2.PolicyExample] | None = ...,
+        round_mean_reward: _builtins.float = ...,
+        teacher_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "job_id", b"job_id", "parent", b"parent", "round", b"round", "round_mean_reward", b"round_mean_reward", "settings", b"settings", "teacher_model", b"teacher_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyTask: _TypeAlias = PolicyTask  # noqa: Y015
+
+@_typing.final
+class PolicyResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _types_pb2.PolicyVersion: ...
+    def __init__(
+        self,
+        *,
+        policy: _types_pb2.PolicyVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyResult: _TypeAlias = PolicyResult  # noqa: Y015
+
+@_typing.final
+class PolicyTrained(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    @_builtins.property
+    def policy(self) -> _types_pb2.PolicyVersion: ...
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        policy: _types_pb2.PolicyVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyTrained: _TypeAlias = PolicyTrained  # noqa: Y015
 
 @_typing.final
 class DeadLetter(_message.Message):

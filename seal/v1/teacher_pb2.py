@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from seal.v1 import types_pb2 as seal_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/teacher.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\xe1\x01\n\x17ProposeSelfEditsRequest\x12!\n\x07passage\x18\x01 \x01(\x0b\x32\x10.seal.v1.Passage\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.seal.v1.EditFormat\x12\t\n\x01n\x18\x03 \x01(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.seal.v1.SamplingSettings\x12#\n\x04lora\x18\x05 \x01(\x0b\x32\x15.seal.v1.LoraSettings\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x11\n\tdoc_index\x18\x07 \x01(\r\"A\n\x18ProposeSelfEditsResponse\x12%\n\nself_edits\x18\x01 \x03(\x0b\x32\x11.seal.v1.SelfEdit2b\n\x07Teacher\x12W\n\x10ProposeSelfEdits\x12 .seal.v1.ProposeSelfEditsRequest\x1a!.seal.v1.ProposeSelfEditsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/teacher.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\x90\x02\n\x17ProposeSelfEditsRequest\x12!\n\x07passage\x18\x01 \x01(\x0b\x32\x10.seal.v1.Passage\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.seal.v1.EditFormat\x12\t\n\x01n\x18\x03 \x01(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.seal.v1.SamplingSettings\x12#\n\x04lora\x18\x05 \x01(\x0b\x32\x15.seal.v1.LoraSettings\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x11\n\tdoc_index\x18\x07 \x01(\r\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\x15\n\rteacher_model\x18\t \x01(\t\"A\n\x18ProposeSelfEditsResponse\x12%\n\nself_edits\x18\x01 \x03(\x0b\x32\x11.seal.v1.SelfEdit2b\n\x07Teacher\x12W\n\x10ProposeSelfEdits\x12 .seal.v1.ProposeSelfEditsRequest\x1a!.seal.v1.ProposeSelfEditsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seal.v1.teacher_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSESELFEDITSREQUEST']._serialized_start=56
-  _globals['_PROPOSESELFEDITSREQUEST']._serialized_end=281
-  _globals['_PROPOSESELFEDITSRESPONSE']._serialized_start=283
-  _globals['_PROPOSESELFEDITSRESPONSE']._serialized_end=348
-  _globals['_TEACHER']._serialized_start=350
-  _globals['_TEACHER']._serialized_end=448
+  _globals['_PROPOSESELFEDITSREQUEST']._serialized_end=328
+  _globals['_PROPOSESELFEDITSRESPONSE']._serialized_start=330
+  _globals['_PROPOSESELFEDITSRESPONSE']._serialized_end=395
+  _globals['_TEACHER']._serialized_start=397
+  _globals['_TEACHER']._serialized_end=495
 # @@protoc_insertion_point(module_scope)

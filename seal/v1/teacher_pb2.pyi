@@ -30,10 +30,15 @@ class ProposeSelfEditsRequest(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     DOC_INDEX_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
     format: _types_pb2.EditFormat.ValueType
     n: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
+    policy_version: _builtins.str
+    """The policy version to sample with ("" for the base policy); NOT_FOUND if this teacher lacks it."""
+    teacher_model: _builtins.str
     @_builtins.property
     def passage(self) -> _types_pb2.Passage: ...
     @_builtins.property
@@ -50,10 +55,12 @@ class ProposeSelfEditsRequest(_message.Message):
         lora: _types_pb2.LoraSettings | None = ...,
         job_id: _builtins.str = ...,
         doc_index: _builtins.int = ...,
+        policy_version: _builtins.str = ...,
+        teacher_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "passage", b"passage", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "policy_version", b"policy_version", "sampling", b"sampling", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,6 +31,9 @@ class _EditFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EditFormat
     EDIT_FORMAT_SELF_QA: _EditFormat.ValueType  # 3
     EDIT_FORMAT_PASSAGE: _EditFormat.ValueType  # 4
     """Control: train on the passage alone."""
+    EDIT_FORMAT_IMPLICATIONS_LONG: _EditFormat.ValueType  # 5
+    """The reference's "a long list" / "a very long list" variants of the implications prompt."""
+    EDIT_FORMAT_IMPLICATIONS_VERY_LONG: _EditFormat.ValueType  # 6
 
 class EditFormat(_EditFormat, metaclass=_EditFormatEnumTypeWrapper): ...
 
@@ -40,6 +43,9 @@ EDIT_FORMAT_REWRITE: EditFormat.ValueType  # 2
 EDIT_FORMAT_SELF_QA: EditFormat.ValueType  # 3
 EDIT_FORMAT_PASSAGE: EditFormat.ValueType  # 4
 """Control: train on the passage alone."""
+EDIT_FORMAT_IMPLICATIONS_LONG: EditFormat.ValueType  # 5
+"""The reference's "a long list" / "a very long list" variants of the implications prompt."""
+EDIT_FORMAT_IMPLICATIONS_VERY_LONG: EditFormat.ValueType  # 6
 Global___EditFormat: _TypeAlias = EditFormat  # noqa: Y015
 
 @_typing.final
@@ -130,6 +136,8 @@ class LoraSettings(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     alpha: _builtins.float
     learning_rate: _builtins.float
@@ -137,6 +145,10 @@ class LoraSettings(_message.Message):
     batch_size: _builtins.int
     max_seq_len: _builtins.int
     seed: _builtins.int
+    schedule: _builtins.str
+    """"linear" (decay to 0 over the run, as the Hugging Face Trainer the reference uses) or "constant"."""
+    max_grad_norm: _builtins.float
+    """Gradient clipping by global norm; 0 switches it off. The reference clips at 1.0."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -150,10 +162,12 @@ class LoraSettings(_message.Message):
         max_seq_len: _builtins.int | None = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int | None = ...,
+        schedule: _builtins.str | None = ...,
+        max_grad_norm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_seq_len", b"max_seq_len", "rank", b"rank", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "schedule", b"schedule", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_seq_len", b"max_seq_len", "rank", b"rank", "seed", b"seed", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "schedule", b"schedule", "seed", b"seed", "target_modules", b"target_modules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -163,10 +177,14 @@ class LoraSettings(_message.Message):
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
     _WhichOneofReturnType__max_seq_len: _TypeAlias = _typing.Literal["max_seq_len"]  # noqa: Y015
     _WhichOneofArgType__max_seq_len: _TypeAlias = _typing.Literal["_max_seq_len", b"_max_seq_len"]  # noqa: Y015
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    _WhichOneofReturnType__schedule: _TypeAlias = _typing.Literal["schedule"]  # noqa: Y015
+    _WhichOneofArgType__schedule: _TypeAlias = _typing.Literal["_schedule", b"_schedule"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     @_typing.overload
@@ -178,9 +196,13 @@ class LoraSettings(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_seq_len) -> _WhichOneofReturnType__max_seq_len | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__schedule) -> _WhichOneofReturnType__schedule | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
@@ -244,6 +266,9 @@ class SelfEdit(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     TEACHER_MODEL_FIELD_NUMBER: _builtins.int
     GENERATION_SECONDS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    DIRECTIVES_FIELD_NUMBER: _builtins.int
+    DIRECTIVE_ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     job_id: _builtins.str
     doc_index: _builtins.int
@@ -253,6 +278,14 @@ class SelfEdit(_message.Message):
     text: _builtins.str
     teacher_model: _builtins.str
     generation_seconds: _builtins.float
+    policy_version: _builtins.str
+    """The teacher policy version that wrote it ("" for the base policy)."""
+    directives: _builtins.str
+    """Update directives the teacher wrote into the self-edit (JSON object text, "" when none); `lora`
+    holds the settings in effect, these applied where they were within the configured limits.
+    """
+    directive_error: _builtins.str
+    """Why the directives were not applied ("" when applied or absent)."""
     @_builtins.property
     def passage(self) -> Global___Passage: ...
     @_builtins.property
@@ -273,10 +306,13 @@ class SelfEdit(_message.Message):
         lora: Global___LoraSettings | None = ...,
         teacher_model: _builtins.str = ...,
         generation_seconds: _builtins.float = ...,
+        policy_version: _builtins.str = ...,
+        directives: _builtins.str = ...,
+        directive_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "passage", b"passage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "generation_seconds", b"generation_seconds", "id", b"id", "index", b"index", "job_id", b"job_id", "lines", b"lines", "lora", b"lora", "passage", b"passage", "teacher_model", b"teacher_model", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_error", b"directive_error", "directives", b"directives", "doc_index", b"doc_index", "format", b"format", "generation_seconds", b"generation_seconds", "id", b"id", "index", b"index", "job_id", b"job_id", "lines", b"lines", "lora", b"lora", "passage", b"passage", "policy_version", b"policy_version", "teacher_model", b"teacher_model", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -398,6 +434,7 @@ class QuestionScore(_message.Message):
     F1_FIELD_NUMBER: _builtins.int
     CONTAINS_FIELD_NUMBER: _builtins.int
     CORRECT_FIELD_NUMBER: _builtins.int
+    JUDGED_CORRECT_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     answer: _builtins.str
     response: _builtins.str
@@ -405,6 +442,8 @@ class QuestionScore(_message.Message):
     f1: _builtins.float
     contains: _builtins.bool
     correct: _builtins.bool
+    judged_correct: _builtins.bool
+    """The LLM judge's grade, when a judge is configured (unset otherwise)."""
     def __init__(
         self,
         *,
@@ -415,12 +454,15 @@ class QuestionScore(_message.Message):
         f1: _builtins.float = ...,
         contains: _builtins.bool = ...,
         correct: _builtins.bool = ...,
+        judged_correct: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_judged_correct", b"_judged_correct", "judged_correct", b"judged_correct"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "contains", b"contains", "correct", b"correct", "exact_match", b"exact_match", "f1", b"f1", "question", b"question", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_judged_correct", b"_judged_correct", "answer", b"answer", "contains", b"contains", "correct", b"correct", "exact_match", b"exact_match", "f1", b"f1", "judged_correct", b"judged_correct", "question", b"question", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__judged_correct: _TypeAlias = _typing.Literal["judged_correct"]  # noqa: Y015
+    _WhichOneofArgType__judged_correct: _TypeAlias = _typing.Literal["_judged_correct", b"_judged_correct"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__judged_correct) -> _WhichOneofReturnType__judged_correct | None: ...
 
 Global___QuestionScore: _TypeAlias = QuestionScore  # noqa: Y015
 
@@ -454,6 +496,7 @@ class VerdictStatement(_message.Message):
     AUDITOR_KEY_ID_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     self_edit_id: _builtins.str
@@ -476,6 +519,8 @@ class VerdictStatement(_message.Message):
     issued_at: _builtins.float
     """Unix seconds."""
     expires_at: _builtins.float
+    judge_model: _builtins.str
+    """The LLM judge's model, when one graded the answers beside the deterministic metric ("" if none)."""
     @_builtins.property
     def baseline_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     @_builtins.property
@@ -507,10 +552,11 @@ class VerdictStatement(_message.Message):
         auditor_key_id: _builtins.str = ...,
         issued_at: _builtins.float = ...,
         expires_at: _builtins.float = ...,
+        judge_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "judge_model", b"judge_model", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,6 +592,7 @@ class Verdict(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     STATEMENT_FIELD_NUMBER: _builtins.int
+    JUDGE_MODEL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     self_edit_id: _builtins.str
@@ -567,6 +614,7 @@ class Verdict(_message.Message):
     expires_at: _builtins.float
     statement: _builtins.bytes
     """VerdictStatement, serialized deterministically: the signed bytes."""
+    judge_model: _builtins.str
     @_builtins.property
     def baseline_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     @_builtins.property
@@ -598,11 +646,217 @@ class Verdict(_message.Message):
         issued_at: _builtins.float = ...,
         expires_at: _builtins.float = ...,
         statement: _builtins.bytes = ...,
+        judge_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "signature", b"signature", "statement", b"statement", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "judge_model", b"judge_model", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "signature", b"signature", "statement", b"statement", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class PolicyExample(_message.Message):
+    """One example of a policy update (the ReST-EM M-step): the teacher prompt for a context and the
+    self-edit chosen for it; `rejected` is set for preference objectives (DPO, DiscoPOP).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    CHOSEN_REWARD_FIELD_NUMBER: _builtins.int
+    REJECTED_REWARD_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    context_id: _builtins.str
+    prompt: _builtins.str
+    chosen: _builtins.str
+    rejected: _builtins.str
+    chosen_reward: _builtins.float
+    rejected_reward: _builtins.float
+    @_builtins.property
+    def evidence(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The verdicts the rewards came from: "<self_edit_id>@<adapter_sha256>" for each training run."""
+
+    def __init__(
+        self,
+        *,
+        context_id: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        chosen: _builtins.str = ...,
+        rejected: _builtins.str = ...,
+        chosen_reward: _builtins.float = ...,
+        rejected_reward: _builtins.float = ...,
+        evidence: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "chosen_reward", b"chosen_reward", "context_id", b"context_id", "evidence", b"evidence", "prompt", b"prompt", "rejected", b"rejected", "rejected_reward", b"rejected_reward"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyExample: _TypeAlias = PolicyExample  # noqa: Y015
+
+@_typing.final
+class PolicySettings(_message.Message):
+    """How the teacher's policy is fine-tuned in the M-step. Unset fields take the server's defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    BETA_FIELD_NUMBER: _builtins.int
+    DISCOPOP_TAU_FIELD_NUMBER: _builtins.int
+    MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    objective: _builtins.str
+    """"sft" (ReST-EM: supervised fine-tuning on the selected self-edits), "dpo" or "discopop"."""
+    rank: _builtins.int
+    alpha: _builtins.float
+    learning_rate: _builtins.float
+    epochs: _builtins.int
+    batch_size: _builtins.int
+    beta: _builtins.float
+    """Preference objectives: the β of DPO's log-ratio, and DiscoPOP's τ."""
+    discopop_tau: _builtins.float
+    max_seq_len: _builtins.int
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        objective: _builtins.str | None = ...,
+        rank: _builtins.int | None = ...,
+        alpha: _builtins.float | None = ...,
+        learning_rate: _builtins.float | None = ...,
+        epochs: _builtins.int | None = ...,
+        batch_size: _builtins.int | None = ...,
+        beta: _builtins.float | None = ...,
+        discopop_tau: _builtins.float | None = ...,
+        max_seq_len: _builtins.int | None = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_beta", b"_beta", "_discopop_tau", b"_discopop_tau", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_seq_len", b"_max_seq_len", "_objective", b"_objective", "_rank", b"_rank", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "beta", b"beta", "discopop_tau", b"discopop_tau", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_seq_len", b"max_seq_len", "objective", b"objective", "rank", b"rank", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_beta", b"_beta", "_discopop_tau", b"_discopop_tau", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_seq_len", b"_max_seq_len", "_objective", b"_objective", "_rank", b"_rank", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "beta", b"beta", "discopop_tau", b"discopop_tau", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_seq_len", b"max_seq_len", "objective", b"objective", "rank", b"rank", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
+    _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
+    _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
+    _WhichOneofReturnType__discopop_tau: _TypeAlias = _typing.Literal["discopop_tau"]  # noqa: Y015
+    _WhichOneofArgType__discopop_tau: _TypeAlias = _typing.Literal["_discopop_tau", b"_discopop_tau"]  # noqa: Y015
+    _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
+    _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_seq_len: _TypeAlias = _typing.Literal["max_seq_len"]  # noqa: Y015
+    _WhichOneofArgType__max_seq_len: _TypeAlias = _typing.Literal["_max_seq_len", b"_max_seq_len"]  # noqa: Y015
+    _WhichOneofReturnType__objective: _TypeAlias = _typing.Literal["objective"]  # noqa: Y015
+    _WhichOneofArgType__objective: _TypeAlias = _typing.Literal["_objective", b"_objective"]  # noqa: Y015
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__discopop_tau) -> _WhichOneofReturnType__discopop_tau | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_seq_len) -> _WhichOneofReturnType__max_seq_len | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__objective) -> _WhichOneofReturnType__objective | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___PolicySettings: _TypeAlias = PolicySettings  # noqa: Y015
+
+@_typing.final
+class PolicyVersion(_message.Message):
+    """A trained teacher policy: a LoRA adapter on the teacher's base model, addressed by the sha256 of
+    its manifest, with its lineage.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    TRAINING_DATA_SHA256_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    FINAL_LOSS_FIELD_NUMBER: _builtins.int
+    TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ROUND_MEAN_REWARD_FIELD_NUMBER: _builtins.int
+    TEACHER_ID_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    round: _builtins.int
+    parent: _builtins.str
+    """The version it continued from ("" for the base policy)."""
+    base_model: _builtins.str
+    base_fingerprint: _builtins.str
+    training_data_sha256: _builtins.str
+    """sha256 of the training examples, in order."""
+    examples: _builtins.int
+    final_loss: _builtins.float
+    train_seconds: _builtins.float
+    job_id: _builtins.str
+    """The job whose audited self-edits it learnt from, and the verdicts behind every example."""
+    created_at: _builtins.float
+    round_mean_reward: _builtins.float
+    """Mean reward of the round it was selected from."""
+    teacher_id: _builtins.str
+    """Where it lives: the registered teacher that holds it."""
+    @_builtins.property
+    def settings(self) -> Global___PolicySettings: ...
+    @_builtins.property
+    def evidence(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        round: _builtins.int = ...,
+        parent: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        settings: Global___PolicySettings | None = ...,
+        training_data_sha256: _builtins.str = ...,
+        examples: _builtins.int = ...,
+        final_loss: _builtins.float = ...,
+        train_seconds: _builtins.float = ...,
+        job_id: _builtins.str = ...,
+        evidence: _abc.Iterable[_builtins.str] | None = ...,
+        created_at: _builtins.float = ...,
+        round_mean_reward: _builtins.float = ...,
+        teacher_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "base_model", b"base_model", "created_at", b"created_at", "evidence", b"evidence", "examples", b"examples", "final_loss", b"final_loss", "job_id", b"job_id", "parent", b"parent", "round", b"round", "round_mean_reward", b"round_mean_reward", "settings", b"settings", "teacher_id", b"teacher_id", "train_seconds", b"train_seconds", "training_data_sha256", b"training_data_sha256", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyVersion: _TypeAlias = PolicyVersion  # noqa: Y015

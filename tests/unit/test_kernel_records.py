@@ -272,6 +272,7 @@ _CHANGED = {
     "document_sha256": "34" * 32,
     "teacher_model": "policy-v2",
     "grading_metric": "f1",
+    "judge_model": "gpt-4.1",
     "issued_at": 5.0,
     "expires_at": 6.0,
 }
