@@ -15,6 +15,8 @@ from seal.records import Document, EditFormat, JobSpec, LoraSettings, SamplingSe
 # The linear layers LoRA may target in the Llama-family models seal serves (SmolLM2, Qwen2.5, Llama):
 # checked at the front door, so a typo fails the request instead of the student, minutes later.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Learning-rate schedules of the inner loop (student.training.make_scheduler).
+SCHEDULES = ("linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ class Limits:
     max_title_chars: int = 300
     max_questions: int = 200
     max_question_chars: int = 2000
+    # What a self-edit's own update directives may ask for (teacher.core.apply_directives).
+    max_directive_rank: int = 64
+    max_directive_epochs: int = 20
+    min_directive_learning_rate: float = 1e-5
+    max_directive_learning_rate: float = 1e-2
 
 
 def check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -51,6 +58,11 @@ def validate_lora(lora: LoraSettings, prefix: str = "lora") -> None:
     check_int_range(f"{prefix}.batch_size", lora.batch_size, 1, 256)
     check_int_range(f"{prefix}.max_seq_len", lora.max_seq_len, 16, 8192)
     check_int_range(f"{prefix}.seed", lora.seed, 0, 2**31 - 1)
+    if lora.schedule not in SCHEDULES:
+        raise InvalidArgument(
+            f"{prefix}.schedule", f"must be one of {', '.join(SCHEDULES)}, got {lora.schedule!r}"
+        )
+    check_range(f"{prefix}.max_grad_norm", lora.max_grad_norm, 0, 1000)
     if not lora.target_modules:
         raise InvalidArgument(f"{prefix}.target_modules", "must list at least one module name, e.g. q_proj")
     unknown = [m for m in lora.target_modules if m not in TARGET_MODULES]

@@ -1,7 +1,9 @@
 """The inner-loop LoRA fine-tune: one self-edit in, one adapter out.
 
 Read it top to bottom as a recipe: wrap the base model in a fresh LoRA, tokenize the texts, run
-`epochs` seeded passes of AdamW over dynamically padded batches, then hand back the PEFT model.
+`epochs` seeded passes of AdamW over dynamically padded batches (the learning rate decaying linearly
+to 0 and gradients clipped at norm 1.0, as the Hugging Face Trainer the SEAL reference uses does),
+then hand back the PEFT model.
 `release_adapter` strips the LoRA again so the same base model object serves the next self-edit.
 """
 
@@ -15,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 from seal.records import LoraSettings
+from seal.validation import SCHEDULES
 from student.sequences import IGNORE_INDEX, batches, pad_batch
 
 
@@ -44,8 +48,10 @@ def train_adapter(
     device = next(peft_model.parameters()).device
 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    # No weight decay (the Hugging Face Trainer default SEAL used): a constant lr on a few steps.
+    # No weight decay: the Hugging Face Trainer default the reference runs.
     optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
+    total_steps = lora.epochs * -(-len(sequences) // lora.batch_size)
+    scheduler = make_scheduler(optimizer, lora.schedule, total_steps)
 
     losses: list[float] = []
     peft_model.train()
@@ -57,7 +63,10 @@ def train_adapter(
             logits = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
             loss = causal_lm_loss(logits, labels)
             loss.backward()
+            if lora.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, lora.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             if on_step is not None:
@@ -69,6 +78,15 @@ def train_adapter(
     finally:
         peft_model.eval()
     return peft_model, TrainStats(steps=len(losses), losses=losses, seconds=time.perf_counter() - started)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int) -> Any:
+    """The learning-rate schedule by name: transformers' own, so "linear" is exactly the Trainer's."""
+    if schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+    if schedule == "constant":
+        return get_constant_schedule(optimizer)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def release_adapter(peft_model: PeftModel) -> Any:

@@ -173,3 +173,42 @@ def test_a_failed_run_leaves_the_base_model_without_lora(tiny_model) -> None:
     assert not any("lora" in name for name, _ in model.named_modules())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_linear_schedule_decays_to_zero_and_constant_keeps_the_rate() -> None:
+    from student.training import make_scheduler
+
+    def rates(schedule: str) -> list[float]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=1e-3)
+        scheduler = make_scheduler(optimizer, schedule, total_steps=4)
+        seen = []
+        for _ in range(4):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen + [optimizer.param_groups[0]["lr"]]
+
+    # The Trainer's linear decay: lr·(T−t)/T before step t, 0 after the last step.
+    assert rates("linear") == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert rates("constant") == pytest.approx([1e-3] * 5)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        rates("cosine")
+
+
+def test_gradient_clipping_bounds_the_update(tiny_model, tiny_model_dir: Path) -> None:
+    """With a tiny clip norm the first update moves the LoRA weights far less than without one."""
+
+    def first_step_change(max_grad_norm: float, model_and_tokenizer) -> float:
+        lora = LoraSettings(epochs=1, learning_rate=1e-2, max_grad_norm=max_grad_norm, schedule="constant")
+        peft_model, _ = train_adapter(*model_and_tokenizer, TEXTS[:1], lora)
+        weights = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+        change = sum(float(w.abs().sum()) for w in weights)
+        release_adapter(peft_model)
+        return change
+
+    # Adam normalises step sizes, so compare one step: clipping at 1e-6 makes the gradient's
+    # direction all that survives, but Adam's epsilon then dominates and shrinks the step.
+    unclipped = first_step_change(0.0, tiny_model)
+    clipped = first_step_change(1e-9, load_model(tiny_model_dir))
+    assert clipped < unclipped * 0.5

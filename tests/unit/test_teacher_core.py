@@ -23,7 +23,9 @@ class ScriptedGenerator:
         self.completions = completions
         self.calls: list[tuple[list[str], SamplingSettings, int]] = []
 
-    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+    def generate(
+        self, prompts: list[str], sampling: SamplingSettings, n: int, policy_version: str = ""
+    ) -> list[list[str]]:
         self.calls.append((prompts, sampling, n))
         return [self.completions[:n] for _ in prompts]
 
@@ -55,7 +57,7 @@ def test_propose_parses_in_the_requested_format():
     generator = ScriptedGenerator(["Q: Where?\nA: Velmora."])
     (edit,) = propose_self_edits(generator, PASSAGE, EditFormat.SELF_QA, 1, LORA, SAMPLING, "j", 0)
     assert edit.lines == ("Q: Where? A: Velmora.",)
-    assert "Questions and answers:" in generator.calls[0][0][0]
+    assert generator.calls[0][0][0].endswith("\n\nQuestion 1: ")
 
 
 def test_propose_refuses_the_passage_format_and_bad_n():
@@ -100,3 +102,57 @@ def test_passage_control_is_the_train_on_passage_baseline():
     assert (edit.job_id, edit.doc_index, edit.format) == ("job-1", 7, EditFormat.PASSAGE)
     assert (edit.text, edit.lines) == ("", ())
     assert edit.passage == PASSAGE and edit.lora == LORA
+
+
+@pytest.mark.parametrize(
+    ("directives", "expected", "error"),
+    [
+        ('{"learning_rate": 5e-4, "epochs": 8}', {"learning_rate": 5e-4, "epochs": 8}, ""),
+        ('{"rank": 8}', {"rank": 8, "alpha": 16.0}, ""),
+        ('{"epochs": 8.0}', {"epochs": 8}, ""),
+        ('{"epochs": 500}', {}, "directive epochs must be in [1, 20], got 500"),
+        ('{"rank": 2.5}', {}, "directive rank must be an integer, got 2.5"),
+        ('{"learning_rate": true}', {}, "directive learning_rate must be a number, got True"),
+        (
+            '{"learning_rate": 1.0, "epochs": 3}',
+            {},
+            "directive learning_rate must be in [1e-05, 0.01], got 1.0",
+        ),
+        ('{"dropout": 0.1}', {}, "unknown directive(s) ['dropout']; allowed: learning_rate, epochs, rank"),
+        ("[1, 2]", {}, "directives must be a JSON object of learning_rate, epochs, rank"),
+        ("{epochs: 8}", {}, "directives are not JSON"),
+    ],
+    ids=[
+        "lr-epochs",
+        "rank-keeps-scale",
+        "integral-float",
+        "epochs-over",
+        "fractional-rank",
+        "bool",
+        "all-or-nothing",
+        "unknown",
+        "not-object",
+        "not-json",
+    ],
+)
+def test_apply_directives_within_limits(directives, expected, error):
+    from seal.validation import Limits
+    from teacher.core import apply_directives
+
+    lora, why = apply_directives(LoraSettings(rank=4, alpha=8.0), directives, Limits())
+    assert why.startswith(error) and bool(why) == bool(error)
+    assert lora == LoraSettings(**{"rank": 4, "alpha": 8.0, **expected})
+    assert all(type(getattr(lora, k)) is type(v) for k, v in expected.items())
+
+
+def test_propose_applies_a_self_edits_directives_and_records_them():
+    generator = ScriptedGenerator(
+        ['1. The council meets.\nDirectives: {"epochs": 9}', '1. Fact.\nDirectives: {"epochs": 99}']
+    )
+    good, refused = propose_self_edits(
+        generator, PASSAGE, EditFormat.IMPLICATIONS, 2, LORA, SAMPLING, "j", 0, policy_version="ab" * 32
+    )
+    assert (good.lora.epochs, good.directives, good.directive_error) == (9, '{"epochs": 9}', "")
+    assert good.lines == ("The council meets.",)
+    assert refused.lora == LORA and refused.directive_error.startswith("directive epochs must be in")
+    assert good.policy_version == refused.policy_version == "ab" * 32

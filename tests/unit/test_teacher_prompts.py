@@ -23,8 +23,14 @@ def test_implications_prompt_is_the_papers_word_for_word():
     ("fmt", "asks_for", "ending"),
     [
         (EditFormat.IMPLICATIONS, "implications", "\n\nImplications:\n"),
-        (EditFormat.REWRITE, "rewrite the passage in different words", "\n\nRewrite:\n"),
-        (EditFormat.SELF_QA, "Q: <question> A: <answer>", "\n\nQuestions and answers:\n"),
+        (EditFormat.IMPLICATIONS_LONG, "a long list of implications", "\n\nImplications:\n"),
+        (EditFormat.IMPLICATIONS_VERY_LONG, "a very long list of implications", "\n\nImplications:\n"),
+        (
+            EditFormat.REWRITE,
+            "rewrite it in a few different ways, each one separated",
+            "\n\nRewritten passages:\n",
+        ),
+        (EditFormat.SELF_QA, "rewrite it in a question-answer format.", "\n\nQuestion 1: "),
     ],
 )
 def test_every_prompt_holds_the_passage_and_its_ending(fmt, asks_for, ending):
@@ -32,6 +38,54 @@ def test_every_prompt_holds_the_passage_and_its_ending(fmt, asks_for, ending):
     assert asks_for in prompt
     assert f"Passage:\n{PASSAGE.title}\n{PASSAGE.context}{ending}" in prompt
     assert prompt.endswith(ending)
+
+
+def test_reference_prompts_word_for_word():
+    body = "\n\nPassage:\nVelmora\nThe Zorbian council meets in Velmora every spring.\n\n"
+    assert build_prompt(PASSAGE, EditFormat.IMPLICATIONS_LONG) == (
+        "Let's read the following passage and produce a long list of implications derived directly or "
+        "indirectly from the content." + body + "Implications:\n"
+    )
+    assert build_prompt(PASSAGE, EditFormat.REWRITE) == (
+        "Let's read the following passage and rewrite it in a few different ways, each one separated by a "
+        "newline." + body + "Rewritten passages:\n"
+    )
+    assert build_prompt(PASSAGE, EditFormat.SELF_QA) == (
+        "Let's read the following passage and rewrite it in a question-answer format." + body + "Question 1: "
+    )
+
+
+def test_self_qa_completion_continues_the_first_question():
+    """The completion starts inside "Question 1: "; inline "Question 2:" starts the next pair."""
+    text = "Where does it meet?\nAnswer: Velmora. Question 2: When?\nAnswer: Every spring."
+    assert parse_self_edit(text, EditFormat.SELF_QA) == (
+        "Q: Where does it meet? A: Velmora.",
+        "Q: When? A: Every spring.",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "directives", "lines"),
+    [
+        (
+            '1. Fact one.\nDirectives: {"epochs": 8}\n2. Fact two.',
+            '{"epochs": 8}',
+            ("Fact one.", "Fact two."),
+        ),
+        (
+            'Fact one.\nupdate directives: {"rank": 8, "learning_rate": 5e-4}',
+            '{"rank": 8, "learning_rate": 5e-4}',
+            ("Fact one.",),
+        ),
+        ("Fact one.\nThe directives of the council.", "", ("Fact one.", "The directives of the council.")),
+    ],
+    ids=["line", "prefixed", "word-in-prose-is-not-a-directive"],
+)
+def test_directives_line_is_taken_out_of_the_training_text(text, directives, lines):
+    from teacher.prompts import split_directives
+
+    assert split_directives(text)[0] == directives
+    assert parse_self_edit(text, EditFormat.IMPLICATIONS) == lines
 
 
 def test_braces_in_the_passage_are_kept_verbatim():
