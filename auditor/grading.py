@@ -2,7 +2,8 @@
 
 Pure functions. The SEAL paper grades free-form answers to held-out questions; a small model's
 answers are rarely verbatim, so the default metric is "contains" (the gold answer appears, on token
-boundaries, inside the response) with exact match and F1 recorded beside it.
+boundaries, inside the response) with exact match and F1 recorded beside it. The paper grades with an
+LLM judge instead (auditor.judge): its grade is recorded beside these, and counts under "judge".
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Sequence
 
 from seal.records import QuestionScore
 
-GRADING_METRICS = ("contains", "exact_match", "f1")
+DETERMINISTIC_METRICS = ("contains", "exact_match", "f1")
+JUDGE_METRIC = "judge"
+"""`correct` follows the LLM judge (auditor.judge); allowed only where a judge is configured."""
+GRADING_METRICS = (*DETERMINISTIC_METRICS, JUDGE_METRIC)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -64,15 +68,31 @@ def answer_contained(response: str, gold: str) -> bool:
 
 
 def grade_answer(
-    question: str, gold: str, response: str, metric: str = "contains", f1_threshold: float = 0.5
+    question: str,
+    gold: str,
+    response: str,
+    metric: str = "contains",
+    f1_threshold: float = 0.5,
+    judged_correct: bool | None = None,
 ) -> QuestionScore:
-    """Score one response with every metric; `correct` follows the chosen `metric`."""
+    """Score one response with every metric; `correct` follows the chosen `metric`.
+
+    `judged_correct` is the LLM judge's grade, recorded when given; the metric "judge" needs it.
+    """
     if metric not in GRADING_METRICS:
         raise ValueError(f"unknown grading metric {metric!r}; choose one of {', '.join(GRADING_METRICS)}")
+    if metric == JUDGE_METRIC and judged_correct is None:
+        raise ValueError("grading metric 'judge' needs the judge's grade, and none was given")
     em = exact_match(response, gold)
     f1 = token_f1(response, gold)
     contains = answer_contained(response, gold)
-    correct = {"contains": contains, "exact_match": em, "f1": f1 >= f1_threshold}[metric]
+    by_metric = {
+        "contains": contains,
+        "exact_match": em,
+        "f1": f1 >= f1_threshold,
+        JUDGE_METRIC: judged_correct,
+    }
+    correct = bool(by_metric[metric])
     return QuestionScore(
         question=question,
         answer=gold,
@@ -81,6 +101,7 @@ def grade_answer(
         f1=f1,
         contains=contains,
         correct=correct,
+        judged_correct=judged_correct,
     )
 
 

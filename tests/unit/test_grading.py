@@ -123,7 +123,23 @@ def test_metric_invariants(a: str, b: str) -> None:
     if answer_contained(a, b):
         assert f1 > 0.0
     for metric in GRADING_METRICS:
-        assert grade_answer("q", b, a, metric).correct in (True, False)
+        assert grade_answer("q", b, a, metric, judged_correct=False).correct in (True, False)
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_the_judges_grade_is_recorded_and_counts_only_under_judge(judged: bool) -> None:
+    """"Paris" is contained in the response either way; only metric "judge" follows the judge."""
+    by_contains = grade_answer("q", "Paris", "It is Paris", "contains", judged_correct=judged)
+    by_judge = grade_answer("q", "Paris", "It is Paris", "judge", judged_correct=judged)
+    assert (by_contains.correct, by_contains.judged_correct) == (True, judged)
+    assert (by_judge.correct, by_judge.judged_correct) == (judged, judged)
+    assert by_judge.contains and by_judge.f1 == by_contains.f1  # the deterministic metrics stay recorded
+    assert grade_answer("q", "Paris", "It is Paris").judged_correct is None  # no judge, no grade
+
+
+def test_metric_judge_without_the_judges_grade_is_refused() -> None:
+    with pytest.raises(ValueError, match="'judge' needs the judge's grade"):
+        grade_answer("q", "a", "a", metric="judge")
 
 
 def _score(correct: bool) -> QuestionScore:
