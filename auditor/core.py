@@ -2,6 +2,7 @@
 
 SEAL's reward for a self-edit is the accuracy gain on τ of the model updated on it. This module
 computes that gain, runs the guardrails, and returns an unsigned `Verdict`; the servicer signs it.
+With an LLM judge every τ answer also gets the judge's grade, and the verdict names the judge's model.
 It imports no protobuf.
 """
 
@@ -12,14 +13,30 @@ from pathlib import Path
 from typing import Any
 
 from auditor.evaluation import anchor_accuracy, evaluate_document, load_adapter, unload_adapter
-from auditor.grading import accuracy, reward
+from auditor.grading import GRADING_METRICS, JUDGE_METRIC, accuracy, reward
 from auditor.guardrails import CheckResult, run_guardrails
+from auditor.judge import Judge, judge_scores
 from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
+from seal.errors import InvalidArgument
 from seal.records import Document, QuestionScore, SelfEdit, Verdict
 
 
 class AdapterMismatchError(ValueError):
     """The adapter on disk is not the one the verdict would name."""
+
+
+def check_grading_metric(metric: str, judge_configured: bool) -> None:
+    """InvalidArgument unless `metric` is known, and "judge" only where a judge is configured."""
+    if metric not in GRADING_METRICS:
+        raise InvalidArgument(
+            "grading_metric", f"must be one of {', '.join(GRADING_METRICS)}, got {metric!r}"
+        )
+    if metric == JUDGE_METRIC and not judge_configured:
+        raise InvalidArgument(
+            "grading_metric",
+            "is 'judge', but no LLM judge is configured: set --judge-base-url and --judge-model "
+            "(SEAL_JUDGE_BASE_URL, SEAL_JUDGE_MODEL) or choose contains, exact_match or f1",
+        )
 
 
 def audit(
@@ -35,14 +52,19 @@ def audit(
     metric: str = "contains",
     max_forgetting: float = 0.2,
     check_forgetting: bool = True,
-    max_new_tokens: int = 48,
+    max_new_tokens: int | None = None,
     anchor_before: float | None = None,
+    judge: Judge | None = None,
+    answer_style: str = "chat",
 ) -> Verdict:
     """Evaluate `doc`'s τ before and after the adapter; an unsigned verdict of reward and checks.
 
     `baseline_scores` and `anchor_before` depend only on the base model (and document), so callers
-    cache them; they are computed here when missing. The base model is restored even on error.
+    cache them; they are computed here when missing (a cached baseline without the judge's grades
+    gets them). The base model is restored even on error. With `judge`, every τ answer is also
+    graded by it; a judge that cannot answer raises JudgeError, and no verdict is made.
     """
+    check_grading_metric(metric, judge is not None)
     started = time.perf_counter()
     # Sign only for the files we actually evaluate (weights and config alike): a swapped or edited
     # file must not inherit a verdict.
@@ -52,14 +74,24 @@ def audit(
             f"adapter in {adapter_dir} has manifest sha256 {actual_sha}, but the request names {adapter_sha256}"
         )
     if baseline_scores is None:
-        baseline_scores = evaluate_document(base_model, tokenizer, doc, metric, max_new_tokens)
+        baseline_scores = evaluate_document(
+            base_model, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
+        )
+    elif judge is not None:
+        baseline_scores = judge_scores(judge, baseline_scores, metric)
     if check_forgetting and anchor_before is None:
-        anchor_before = anchor_accuracy(base_model, tokenizer, max_new_tokens)
+        anchor_before = anchor_accuracy(base_model, tokenizer, max_new_tokens, style=answer_style)
 
     peft_model = load_adapter(base_model, Path(adapter_dir))
     try:
-        adapted_scores = evaluate_document(peft_model, tokenizer, doc, metric, max_new_tokens)
-        anchor_after = anchor_accuracy(peft_model, tokenizer, max_new_tokens) if check_forgetting else None
+        adapted_scores = evaluate_document(
+            peft_model, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
+        )
+        anchor_after = (
+            anchor_accuracy(peft_model, tokenizer, max_new_tokens, style=answer_style)
+            if check_forgetting
+            else None
+        )
     finally:
         unload_adapter(peft_model)
 
@@ -92,6 +124,7 @@ def audit(
         document_sha256=document_sha256(doc),
         teacher_model=self_edit.teacher_model,
         grading_metric=metric,
+        judge_model=judge.model if judge is not None else "",
     )
 
 

@@ -4,6 +4,7 @@ and AuditAdapter RPC), and publishes its verdict-signing key (GetSigningKey)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -13,9 +14,9 @@ from typing import Any
 
 import grpc
 
-from auditor.core import audit
+from auditor.core import audit, check_grading_metric
 from auditor.evaluation import anchor_accuracy, evaluate_document
-from auditor.grading import GRADING_METRICS
+from auditor.judge import Judge, LLMJudge, RedisJudgeCache, resolve_api_key
 from seal import convert, metrics
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
@@ -67,6 +68,10 @@ class AuditorEngine:
     """Fetched adapters kept on disk, oldest pruned first (0 keeps all)."""
     tls: TlsFiles | None = None
     """mTLS files for fetching adapters from students; None: plaintext."""
+    judge: Judge | None = None
+    """LLM judge grading every τ answer beside the metric; None: deterministic grading only."""
+    answer_style: str = "chat"
+    """How τ is asked: chat or reference (auditor.evaluation)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Baseline answers depend only on the base model and the document: compute them once.
     _baselines: OrderedDict[str, list[QuestionScore]] = field(default_factory=OrderedDict)
@@ -98,7 +103,7 @@ class AuditorEngine:
         with self.lock:
             baseline = self._baseline(doc)
             if self._anchor_before is None:
-                self._anchor_before = anchor_accuracy(self.model, self.tokenizer)
+                self._anchor_before = anchor_accuracy(self.model, self.tokenizer, style=self.answer_style)
             verdict = audit(
                 self.model,
                 self.tokenizer,
@@ -111,14 +116,19 @@ class AuditorEngine:
                 baseline_scores=baseline,
                 metric=self.metric,
                 anchor_before=self._anchor_before,
+                judge=self.judge,
+                answer_style=self.answer_style,
             )
             prune_adapters(self.adapters_root, self.retention)  # copies: the student keeps the original
         return self.signer.sign(verdict, ttl_s=self.verdict_ttl_s)
 
     def _baseline(self, doc: Document) -> list[QuestionScore]:
-        key = sha256_text(to_json(doc) + self.metric)
+        judge_model = self.judge.model if self.judge is not None else ""
+        key = sha256_text(json.dumps([to_json(doc), self.metric, self.answer_style, judge_model]))
         if key not in self._baselines:
-            self._baselines[key] = evaluate_document(self.model, self.tokenizer, doc, self.metric)
+            self._baselines[key] = evaluate_document(
+                self.model, self.tokenizer, doc, self.metric, style=self.answer_style, judge=self.judge
+            )
             if len(self._baselines) > BASELINE_CACHE_SIZE:  # a long-lived auditor sees endless documents
                 self._baselines.popitem(last=False)
         self._baselines.move_to_end(key)
@@ -169,20 +179,35 @@ def audit_handler(engine: AuditorEngine) -> Callable[[dict[str, Any]], dict[str,
     return handle
 
 
+def run_id(self_edit_id: str, run: int) -> str:
+    """One training run of a self-edit, as task ids name it: "<id>" for run 0, "<id>#<run>" after."""
+    return f"{self_edit_id}#{run}" if run > 0 else self_edit_id
+
+
 def audit_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
+    task = decode(AuditTask, payload)
     verdict = decode(AuditResult, result).verdict
     assert verdict is not None  # handle() always stores one
-    event = Event(job_id=verdict.job_id, audited=Audited(self_edit_id=verdict.self_edit_id, verdict=verdict))
-    return [Task("events", f"verdict/{verdict.self_edit_id}", encode(event))]
+    audited = Audited(self_edit_id=verdict.self_edit_id, verdict=verdict, run=task.run)
+    event = Event(job_id=verdict.job_id, audited=audited)
+    # The run is in the id: two runs of one self-edit are two verdicts, never one deduplicated event.
+    return [Task("events", f"verdict/{run_id(verdict.self_edit_id, task.run)}", encode(event))]
+
+
+def build_judge(config: ServiceConfig, api_key: str, plane: WorkPlane) -> LLMJudge | None:
+    """The configured LLM judge, its grades cached in Redis; None when no judge is configured."""
+    if not config.judge_base_url:
+        return None
+    cache = RedisJudgeCache(plane.redis, plane.key("judge-cache"))
+    return LLMJudge(config.judge_base_url, config.judge_model, api_key, cache=cache)
 
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: load the base model and signing key, start gRPC and the seal:audit worker."""
-    if config.grading_metric not in GRADING_METRICS:
-        raise ValueError(
-            f"grading_metric must be one of {', '.join(GRADING_METRICS)}, got {config.grading_metric!r}"
-        )
-    tls = tls_files(config)  # before the model loads: a bad TLS setting fails fast
+    check_grading_metric(config.grading_metric, judge_configured=bool(config.judge_base_url))
+    # Before the model loads: a bad TLS setting or an unreadable key file fails fast.
+    tls = tls_files(config)
+    judge_key = resolve_api_key(config.judge_api_key_file, os.environ) if config.judge_base_url else ""
     model, tokenizer, _, fingerprint = load_base_model(config)
     signer = VerdictSigner.load_or_create(Path(config.signing_key or config.data_dir / "auditor-ed25519.key"))
     plane = connect_plane(config)
@@ -201,6 +226,8 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         student_wait_s=config.student_wait_s,
         retention=config.adapter_retention,
         tls=tls,
+        judge=build_judge(config, judge_key, plane),
+        answer_style=config.answer_prompt,
     )
     worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
 

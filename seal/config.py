@@ -50,7 +50,17 @@ class ServiceConfig:
     http_listen: str = "127.0.0.1:8080"
     """Gateway: HTTP/JSON listen address (empty disables HTTP)."""
     grading_metric: str = "contains"
-    """Auditor: what makes an answer correct (contains, exact_match, f1)."""
+    """Auditor: what makes an answer correct (contains, exact_match, f1; judge needs a judge below)."""
+    judge_base_url: str = ""
+    """Auditor: base URL (…/v1) of an OpenAI-compatible API whose model also grades every τ answer
+    (the paper's yes/no judge); empty: no judge. Set with judge_model."""
+    judge_model: str = ""
+    """Auditor: the judge's model name (gpt-4.1 in the paper)."""
+    judge_api_key_file: str = ""
+    """Auditor: file holding the judge's API key; empty: the SEAL_JUDGE_API_KEY variable, if set."""
+    answer_prompt: str = "chat"
+    """Auditor: how τ is asked: chat (the question as one turn of the chat template) or reference
+    (the paper's raw base-model prompt, up to 64 tokens, the answer cut at its first newline)."""
     visibility_timeout_s: float = 120.0
     """A task unacknowledged this long (no heartbeat) is reclaimed by another worker."""
     max_attempts: int = 3
@@ -112,6 +122,12 @@ class ServiceConfig:
             raise ValueError("max_attempts must be >= 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.answer_prompt not in ("chat", "reference"):
+            raise ValueError(f"answer_prompt must be chat or reference, got {self.answer_prompt!r}")
+        if bool(self.judge_base_url) != bool(self.judge_model):
+            raise ValueError(
+                "a judge needs both judge_base_url and judge_model (--judge-base-url, --judge-model)"
+            )
         _split_address(self.listen)
 
     def limits(self) -> Limits:

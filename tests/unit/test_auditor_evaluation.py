@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import auditor.core
+import auditor.evaluation
 from auditor.core import AdapterMismatchError, audit
 from auditor.evaluation import (
     answer_questions,
@@ -287,3 +288,97 @@ def test_audit_refuses_an_adapter_whose_config_was_edited(tiny_model, adapter) -
     config_path.write_text(json.dumps(config))
     with pytest.raises(AdapterMismatchError, match="manifest sha256"):
         _audit(model, tokenizer, adapter)
+
+
+# --- audit with an LLM judge -----------------------------------------------------------------------
+
+
+class _FakeJudge:
+    """Grades an answer correct when it is non-empty and shares a character with the gold."""
+
+    model = "fake-judge-1"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls = 0
+
+    def judge_batch(self, items):
+        self.calls += 1
+        if self.fail:
+            from auditor.judge import JudgeError
+
+            raise JudgeError("judge 'fake-judge-1' at http://judge did not answer (3 attempts)")
+        return [bool(set(r) & set(g)) for _, g, r in items]
+
+
+def test_audit_with_a_judge_grades_every_answer_and_names_the_judge(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    judge = _FakeJudge()
+    verdict = _audit(model, tokenizer, adapter, judge=judge)
+    scores = verdict.baseline_scores + verdict.adapted_scores
+    assert all(s.judged_correct is not None for s in scores)
+    assert [s.judged_correct for s in scores] == [bool(set(s.response) & set(s.answer)) for s in scores]
+    assert verdict.judge_model == "fake-judge-1" and verdict.grading_metric == "contains"
+    assert [s.correct for s in scores] == [s.contains for s in scores]  # the metric still decides
+    assert _audit(model, tokenizer, adapter).judge_model == ""  # no judge, no name
+
+
+def test_audit_by_metric_judge_counts_the_judges_grades(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    cached = [grade_answer(q.question, q.answer, q.answer) for q in _AUDIT_DOC.questions]  # unjudged
+    verdict = _audit(model, tokenizer, adapter, judge=_FakeJudge(), metric="judge", baseline_scores=cached)
+    scores = verdict.baseline_scores + verdict.adapted_scores
+    assert all(s.correct == s.judged_correct for s in scores)
+    assert [s.judged_correct for s in verdict.baseline_scores] == [True, True]  # filled in on the cache
+    assert verdict.baseline_accuracy == 1.0
+    assert verdict.adapted_accuracy == sum(s.judged_correct for s in verdict.adapted_scores) / 2
+    assert verdict.grading_metric == "judge"
+
+
+def test_audit_refuses_metric_judge_without_a_judge(tiny_model, adapter) -> None:
+    from seal.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="no LLM judge is configured"):
+        _audit(*tiny_model, adapter, metric="judge")
+
+
+def test_a_judge_that_fails_fails_the_audit_and_restores_the_base(tiny_model, adapter) -> None:
+    """No verdict with a guessed grade: the error reaches the work plane, which retries the task."""
+    from auditor.judge import JudgeError
+    from seal.errors import PermanentError
+
+    model, tokenizer = tiny_model
+    before = _state(model)
+    with pytest.raises(JudgeError, match="did not answer") as info:
+        _audit(model, tokenizer, adapter, judge=_FakeJudge(fail=True))
+    assert not isinstance(info.value, PermanentError)  # retried later, not dead-lettered at once
+    _assert_pristine(model, before)
+
+
+def test_the_signed_statement_carries_the_judge_model(tiny_model, adapter) -> None:
+    from seal.signing import TrustedKeys, VerdictSigner, statement_of
+
+    signer = VerdictSigner.generate()
+    verdict = signer.sign(_audit(*tiny_model, adapter, judge=_FakeJudge(), check_forgetting=False))
+    statement = TrustedKeys.of(signer.public_key_bytes()).verify(verdict)
+    assert statement.judge_model == "fake-judge-1" == statement_of(verdict).judge_model
+    assert all(s.HasField("judged_correct") for s in statement.adapted_scores)
+
+
+def test_audit_in_the_reference_style_asks_the_reference_prompt(tiny_model, adapter, monkeypatch) -> None:
+    model, tokenizer = tiny_model
+    asked: list[tuple[list[str], str]] = []
+    real = auditor.evaluation.answer_questions
+
+    def spy(m, tok, prompts, *args, **kwargs):
+        asked.append((prompts, kwargs.get("style", "chat")))
+        return real(m, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(auditor.evaluation, "answer_questions", spy)
+    verdict = _audit(model, tokenizer, adapter, answer_style="reference")
+    tau = [question_prompt(_AUDIT_DOC.title, q.question, "reference") for q in _AUDIT_DOC.questions]
+    # Baseline τ, anchors before, adapted τ, anchors after: every one in the reference style.
+    assert [prompts == tau for prompts, _ in asked] == [True, False, True, False]
+    assert all(style == "reference" for _, style in asked)
+    assert all(p.startswith("Let's answer a question directly") for prompts, _ in asked for p in prompts)
+    assert all("\n" not in s.response for s in verdict.baseline_scores + verdict.adapted_scores)

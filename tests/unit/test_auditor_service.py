@@ -1,0 +1,88 @@
+"""The auditor service's plumbing: runs in events and task ids, and the engine's judged baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from auditor.grading import grade_answer
+from auditor.service import AuditorEngine, audit_followups, run_id
+from seal.records import (
+    QA,
+    AdapterRef,
+    AuditResult,
+    AuditTask,
+    Document,
+    EditFormat,
+    Event,
+    LoraSettings,
+    Passage,
+    SelfEdit,
+    Verdict,
+)
+from seal.signing import VerdictSigner
+from seal.tasks import decode, encode
+from seal.validation import Limits
+
+_EDIT = SelfEdit(
+    "edit-7", "job-1", 0, 0, EditFormat.IMPLICATIONS, Passage("T", "c"), "x", ("x",), LoraSettings()
+)
+_ADAPTER = AdapterRef("a" * 64, "edit-7", "tiny", "f" * 64, 10, 1.0, 2, 0.5)
+_SCORE = grade_answer("q?", "a", "a")
+_VERDICT = Verdict("job-1", 0, "edit-7", "a" * 64, "f" * 64, 0.0, 1.0, 1.0, (_SCORE,), (_SCORE,), 0.1, True)
+
+
+def test_run_ids_follow_the_students_rule() -> None:
+    assert run_id("edit-7", 0) == "edit-7"
+    assert run_id("edit-7", 1) == "edit-7#1"
+    assert run_id("edit-7", 2) == "edit-7#2"
+
+
+@pytest.mark.parametrize(("run", "task_id"), [(0, "verdict/edit-7"), (2, "verdict/edit-7#2")])
+def test_the_audited_event_carries_the_tasks_run(run: int, task_id: str) -> None:
+    payload = encode(AuditTask(self_edit=_EDIT, adapter=_ADAPTER, run=run))
+    (task,) = audit_followups(payload, encode(AuditResult(verdict=_VERDICT)))
+    assert (task.stream, task.task_id) == ("events", task_id)
+    event = decode(Event, task.payload)
+    assert event.audited is not None
+    assert (event.job_id, event.audited.self_edit_id, event.audited.run) == ("job-1", "edit-7", run)
+    assert event.audited.verdict == _VERDICT
+
+
+def test_two_runs_of_one_self_edit_never_share_an_event_id() -> None:
+    result = encode(AuditResult(verdict=_VERDICT))
+    ids = {
+        audit_followups(encode(AuditTask(self_edit=_EDIT, adapter=_ADAPTER, run=r)), result)[0].task_id
+        for r in range(3)
+    }
+    assert len(ids) == 3
+
+
+class _CountingJudge:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.items = 0
+
+    def judge_batch(self, items):
+        self.items += len(items)
+        return [True] * len(items)
+
+
+def test_the_engine_baseline_is_judged_and_keyed_by_judge_and_style(
+    tiny_model, tmp_path: Path, plane
+) -> None:
+    model, tokenizer = tiny_model
+    judge = _CountingJudge("judge-a")
+    engine = AuditorEngine(
+        model, tokenizer, "f" * 64, VerdictSigner.generate(), tmp_path, Limits(), plane, judge=judge
+    )
+    doc = Document("T", "c", (QA("q?", "a"), QA("r?", "b")))
+    first = engine._baseline(doc)
+    assert [s.judged_correct for s in first] == [True, True] and judge.items == 2
+    assert engine._baseline(doc) is first and judge.items == 2  # cached: not judged again
+    engine.judge = _CountingJudge("judge-b")
+    assert engine._baseline(doc) is not first  # another judge's grades are other grades
+    engine.answer_style = "reference"
+    assert engine._baseline(doc) is not first
+    assert len(engine._baselines) == 3
