@@ -373,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", required=True, help="directory of ca.pem, <service>.pem/.key (kept)")
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses, comma-separated")
     certs.set_defaults(func=cmd_certs)
+
+    from seal.bench.knowledge import add_bench_commands
+
+    bench = sub.add_parser(
+        "bench", help="benchmarks: the SEAL results table and the recipe study (resumable)"
+    )
+    add_bench_commands(bench.add_subparsers(dest="bench", required=True))
     return parser
 
 

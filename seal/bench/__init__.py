@@ -1,0 +1,1 @@
+"""Benchmarks as commands: `seal bench knowledge` (the SEAL results table) and `seal bench recipe`."""
