@@ -1,21 +1,26 @@
 """Generation backends for the teacher: local transformers, any OpenAI-compatible server, or vLLM.
 
 Each returns, for every prompt, `n` completions of new text only (no prompt, no special tokens).
-Build one by name with `BACKENDS[name](**kwargs)`.
+`policy_version` picks the teacher policy: "" is the base model, else a LoRA version saved in a
+`teacher.policies.PolicyStore`. Build one by name with `BACKENDS[name](**kwargs)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from seal.errors import InvalidArgument, NotFound
 from seal.models import render_prompt
 from seal.records import SamplingSettings
+from teacher.policies import PolicyStore
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,9 @@ class Generator(Protocol):
 
     name: str
 
-    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]: ...
+    def generate(
+        self, prompts: list[str], sampling: SamplingSettings, n: int, *, policy_version: str = ""
+    ) -> list[list[str]]: ...
 
 
 class GenerationError(RuntimeError):
@@ -44,22 +51,92 @@ def _check_n(n: int) -> None:
 # --- transformers ----------------------------------------------------------------------------------
 
 
+# Policy versions a transformers teacher keeps loaded at once (a 135M model's r16 LoRA is ~10 MB).
+MAX_LOADED_POLICIES = 4
+
+
 class TransformersGenerator:
-    """Generates with a loaded transformers causal LM (left-padded tokenizer, as `load_model` sets)."""
+    """Generates with a loaded transformers causal LM (left-padded tokenizer, as `load_model` sets).
+
+    Policy versions from `policies` load on first use as named PEFT adapters on this one base model
+    (the `max_loaded_policies` most recently used stay loaded). Not thread-safe: the teacher service
+    holds a lock around every call, as it does for the model itself.
+    """
 
     def __init__(
-        self, model: Any, tokenizer: Any, device: str = "cpu", use_chat_template: bool = True, name: str = ""
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: str = "cpu",
+        use_chat_template: bool = True,
+        name: str = "",
+        policies: PolicyStore | None = None,
+        max_loaded_policies: int = MAX_LOADED_POLICIES,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.use_chat_template = use_chat_template
         self.name = name or model.config.name_or_path
+        self.policies = policies
+        self.max_loaded_policies = max(1, max_loaded_policies)
+        self._peft: Any = None
+        # Loaded versions, least recently used first.
+        self._loaded: OrderedDict[str, None] = OrderedDict()
 
-    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+    def generate(
+        self, prompts: list[str], sampling: SamplingSettings, n: int, *, policy_version: str = ""
+    ) -> list[list[str]]:
         _check_n(n)
-        if not prompts:
-            return []
+        with self._policy(policy_version):
+            if not prompts:
+                return []
+            return self._generate(prompts, sampling, n)
+
+    def loaded_policies(self) -> list[str]:
+        """The policy versions loaded now, least recently used first."""
+        return list(self._loaded)
+
+    def release_policies(self) -> None:
+        """Drop every loaded version: the model is the bare base again (to train a new policy on it)."""
+        if self._peft is not None:
+            # unload(), not merge: the base weights were never touched.
+            self._peft.unload()
+        self._peft = None
+        self._loaded.clear()
+
+    @contextlib.contextmanager
+    def _policy(self, version: str) -> Iterator[None]:
+        if not version:
+            # The base policy: with versions loaded, switch their LoRA layers off for this call.
+            with self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext():
+                yield
+            return
+        if version in self._loaded:
+            self._loaded.move_to_end(version)
+        else:
+            self._load_policy(version)
+        self._peft.set_adapter(version, inference_mode=True)
+        yield
+
+    def _load_policy(self, version: str) -> None:
+        from peft import PeftModel
+
+        if self.policies is None:
+            raise NotFound(f"policy version {version} asked for, but this teacher has no policy store")
+        path = str(self.policies.get(version))
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=version)
+        else:
+            self._peft.load_adapter(path, adapter_name=version)
+        # Active before evicting: PEFT would otherwise pick some other adapter when the active one goes.
+        self._peft.set_adapter(version, inference_mode=True)
+        self._loaded[version] = None
+        while len(self._loaded) > self.max_loaded_policies:
+            oldest, _ = self._loaded.popitem(last=False)
+            self._peft.delete_adapter(oldest)
+
+    def _generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
         greedy = sampling.temperature <= 0
         # Greedy decoding gives n identical answers: decode once, copy.
         copies = 1 if greedy else n
@@ -142,8 +219,16 @@ class OpenAIGenerator:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
 
-    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+    def generate(
+        self, prompts: list[str], sampling: SamplingSettings, n: int, *, policy_version: str = ""
+    ) -> list[list[str]]:
         _check_n(n)
+        if policy_version:
+            raise InvalidArgument(
+                "policy_version",
+                f"the openai backend serves the remote model only ({self.name}); it cannot load policy version "
+                f"{policy_version}: leave policy_version empty, or serve policies with the transformers or vllm backend",
+            )
         return [self._sample(prompt, sampling, n) for prompt in prompts]
 
     def _sample(self, prompt: str, sampling: SamplingSettings, n: int) -> list[str]:
@@ -198,19 +283,34 @@ class VLLMGenerator:
     """Generates with vLLM's offline engine (GPU). `engine_kwargs` go to `vllm.LLM` unchanged."""
 
     def __init__(
-        self, model_path: str, *, use_chat_template: bool = True, name: str = "", **engine_kwargs: Any
+        self,
+        model_path: str,
+        *,
+        use_chat_template: bool = True,
+        name: str = "",
+        policies: PolicyStore | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         # Imported here so the teacher runs (transformers / HTTP backends) where vLLM is not installed.
         from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
 
         self._sampling_params = SamplingParams
+        self._lora_request = LoRARequest
+        self.policies = policies
+        if policies is not None:
+            # Policy versions are LoRAs on this engine's base: vLLM serves them only when asked to.
+            engine_kwargs.setdefault("enable_lora", True)
         self.llm = LLM(model=str(model_path), **engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.use_chat_template = use_chat_template
         self.name = name or str(model_path)
 
-    def generate(self, prompts: list[str], sampling: SamplingSettings, n: int) -> list[list[str]]:
+    def generate(
+        self, prompts: list[str], sampling: SamplingSettings, n: int, *, policy_version: str = ""
+    ) -> list[list[str]]:
         _check_n(n)
+        lora = self._lora(policy_version)
         if not prompts:
             return []
         greedy = sampling.temperature <= 0
@@ -222,9 +322,20 @@ class VLLMGenerator:
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
         )
-        outputs = self.llm.generate([self._engine_prompt(p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [self._engine_prompt(p) for p in prompts], params, use_tqdm=False, lora_request=lora
+        )
         groups = [[c.text for c in out.outputs] for out in outputs]
         return [group * n if greedy else group for group in groups]
+
+    def _lora(self, version: str) -> Any:
+        if not version:
+            return None
+        if self.policies is None:
+            raise NotFound(f"policy version {version} asked for, but this teacher has no policy store")
+        path = self.policies.get(version)
+        # vLLM caches a LoRA by its int id, so one version must always map to one id (> 0).
+        return self._lora_request(version, policy_lora_id(version), str(path))
 
     def _engine_prompt(self, prompt: str) -> str | dict[str, list[int]]:
         if not (self.use_chat_template and self.tokenizer.chat_template):
@@ -232,6 +343,11 @@ class VLLMGenerator:
         # Token ids, because vLLM would add a BOS on top of the one the chat template already wrote.
         text = render_prompt(self.tokenizer, prompt, use_chat_template=True)
         return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+
+def policy_lora_id(version: str) -> int:
+    """vLLM's int id of a policy version: its first 60 bits, plus one (0 is not a valid id)."""
+    return int(version[:15], 16) + 1
 
 
 BACKENDS: dict[str, Callable[..., Generator]] = {

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from seal.errors import InvalidArgument, NotFound
 from seal.models import build_tiny_model, render_prompt
-from seal.records import SamplingSettings
+from seal.records import PolicyExample, PolicySettings, PolicyVersion, SamplingSettings
 from teacher.backends import (
     BACKENDS,
     GenerationError,
@@ -21,7 +22,10 @@ from teacher.backends import (
     VLLMGenerator,
     chat_completion_body,
     completion_texts,
+    policy_lora_id,
 )
+from teacher.policies import PolicyStore
+from teacher.policy import release_policy, train_policy
 
 SAMPLING = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=0)
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, seed=0)
@@ -102,6 +106,92 @@ def test_transformers_rejects_n_below_one(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(ValueError, match="n must be"):
         TransformersGenerator(model, tokenizer).generate(["x"], SAMPLING, n=0)
+
+
+# --- policy versions on the transformers backend ---------------------------------------------------
+
+PROMPT = "Passage: The fox."
+# A completion the random tiny model would never write, learnt hard so greedy decoding shows it. The
+# tiny model's logits are small (random 64-wide embeddings), so its loss stays high; the argmax is
+# what moves: these settings make greedy decoding start with the completion's first token ("Zor").
+DISTINCTIVE = "Zorbian council Velmora"
+TRAIN = PolicySettings(rank=8, alpha=16.0, learning_rate=0.1, epochs=20, batch_size=1, max_seq_len=128)
+
+
+def _train_and_save(model, tokenizer, store: PolicyStore, completion: str = DISTINCTIVE) -> str:
+    examples = [PolicyExample(prompt=PROMPT, chosen=completion)]
+    peft_model, stats = train_policy(model, tokenizer, examples, TRAIN)
+    saved = store.save(peft_model, PolicyVersion(base_model="tiny", final_loss=stats.final_loss))
+    release_policy(peft_model)
+    return saved.version
+
+
+def test_a_new_version_samples_at_once_and_the_base_stays_the_base(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    store = PolicyStore(tmp_path)
+    generator = TransformersGenerator(model, tokenizer, policies=store)
+    base_greedy = generator.generate([PROMPT], GREEDY, n=1)
+    base_sampled = generator.generate([PROMPT], SAMPLING, n=2)
+
+    version = _train_and_save(model, tokenizer, store)
+    tuned = generator.generate([PROMPT], GREEDY, n=1, policy_version=version)
+    assert tuned[0][0].startswith(DISTINCTIVE[:3])
+    assert tuned != base_greedy
+    # Same seed, same version: the same samples.
+    sampled = generator.generate([PROMPT], SAMPLING, n=2, policy_version=version)
+    assert sampled == generator.generate([PROMPT], SAMPLING, n=2, policy_version=version)
+    assert sampled != base_sampled
+    # The base policy is untouched by the version having been used.
+    assert generator.generate([PROMPT], GREEDY, n=1) == base_greedy
+    assert generator.generate([PROMPT], SAMPLING, n=2, policy_version="") == base_sampled
+    assert generator.loaded_policies() == [version]
+
+
+def test_versions_switch_per_call_and_the_least_recently_used_is_evicted(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    store = PolicyStore(tmp_path)
+    first = _train_and_save(model, tokenizer, store)
+    second = _train_and_save(model, tokenizer, store, completion="0123456789 quick")
+    generator = TransformersGenerator(model, tokenizer, policies=store, max_loaded_policies=1)
+    out_first = generator.generate([PROMPT], GREEDY, n=1, policy_version=first)
+    out_second = generator.generate([PROMPT], GREEDY, n=1, policy_version=second)
+    assert out_first != out_second
+    assert generator.loaded_policies() == [second]
+    # Evicted, then loaded again: the same policy.
+    assert generator.generate([PROMPT], GREEDY, n=1, policy_version=first) == out_first
+    assert generator.loaded_policies() == [first]
+
+
+def test_training_waits_for_the_generators_policies_to_be_released(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    store = PolicyStore(tmp_path)
+    version = _train_and_save(model, tokenizer, store)
+    generator = TransformersGenerator(model, tokenizer, policies=store)
+    base = generator.generate([PROMPT], GREEDY, n=1)
+    generator.generate([PROMPT], GREEDY, n=1, policy_version=version)
+    with pytest.raises(ValueError, match="release_policies"):
+        train_policy(model, tokenizer, [PolicyExample(prompt=PROMPT, chosen="x")], TRAIN)
+    generator.release_policies()
+    assert generator.loaded_policies() == []
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert generator.generate([PROMPT], GREEDY, n=1) == base
+
+
+@pytest.mark.parametrize("version", ["0" * 64, "not-a-digest"])
+def test_an_unknown_version_is_not_found_before_generating(tiny_model, tmp_path, version):
+    model, tokenizer = tiny_model
+    generator = TransformersGenerator(model, tokenizer, policies=PolicyStore(tmp_path))
+    with pytest.raises(NotFound, match="policy version"):
+        generator.generate([PROMPT], GREEDY, n=1, policy_version=version)
+    with pytest.raises(NotFound, match="no policy store"):
+        TransformersGenerator(model, tokenizer).generate([PROMPT], GREEDY, n=1, policy_version="0" * 64)
+    assert generator.loaded_policies() == []
+
+
+def test_policy_lora_id_is_stable_positive_and_distinct():
+    assert policy_lora_id("0" * 64) == 1
+    assert policy_lora_id("f" * 64) == 2**60
+    assert policy_lora_id("ab" * 32) == policy_lora_id("ab" * 32) != policy_lora_id("ba" * 32)
 
 
 # --- OpenAI-compatible HTTP ------------------------------------------------------------------------
@@ -195,6 +285,15 @@ def test_openai_request_shaping_and_parsing(chat_server):
     assert body["model"] == "teacher-7b"
     assert body["messages"] == [{"role": "user", "content": "p1"}]
     assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (2, 0.5, 0.8, 32)
+
+
+def test_openai_refuses_a_policy_version_without_asking_the_server(chat_server):
+    generator = OpenAIGenerator(chat_server.base_url, "m")
+    with pytest.raises(InvalidArgument, match="serves the remote model only") as err:
+        generator.generate(["p"], SAMPLING, n=1, policy_version="a" * 64)
+    assert err.value.field == "policy_version"
+    assert chat_server.requests == []
+    assert generator.generate(["p"], SAMPLING, n=1, policy_version="") == [["p|1|0"]]
 
 
 def test_openai_sends_no_auth_header_without_a_key(chat_server):
