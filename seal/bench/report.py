@@ -53,8 +53,8 @@ def bootstrap_interval(
     """Percentile interval of the mean from `resamples` seeded resamples with replacement."""
     import numpy as np
 
-    if not values:
-        return math.nan, math.nan
+    if len(values) < 2:
+        return math.nan, math.nan  # as the normal interval: one passage has no spread to resample
     data = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
     means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
@@ -251,6 +251,7 @@ def _bars(ax: Any, rows: Sequence[ConditionSummary], title: str) -> None:
     values, errors = _errors(rows)
     ax.bar(range(len(rows)), values, yerr=errors, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(rows)), [f"{s.label}\n(n={s.passages})" for s in rows], rotation=30, ha="right")
+    ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%), 95 % CI over passages")
     ax.set_title(title)
 
@@ -259,5 +260,6 @@ def _rounds(ax: Any, rows: Sequence[ConditionSummary]) -> None:
     values, errors = _errors(rows)
     ax.errorbar(range(len(rows)), values, yerr=errors, marker="o", capsize=4)
     ax.set_xticks(range(len(rows)), [s.label for s in rows], rotation=30, ha="right")
+    ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy per round (teacher policy)")

@@ -75,6 +75,7 @@ def test_intervals_of_one_passage_or_none_are_undefined_not_zero_width() -> None
     assert all(math.isnan(x) for x in report.normal_interval([0.4]))
     assert all(math.isnan(x) for x in report.normal_interval([]))
     assert all(math.isnan(x) for x in report.bootstrap_interval([]))
+    assert all(math.isnan(x) for x in report.bootstrap_interval([0.4]))
 
 
 def test_bootstrap_interval_is_seeded_and_takes_the_percentiles() -> None:
