@@ -38,7 +38,7 @@ from seal.registry import StudentRegistry
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.signing import VerdictSigner
-from seal.tasks import decode, encode
+from seal.tasks import decode, encode, run_task_id
 from seal.tls import TlsFiles, tls_files
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_document
@@ -179,11 +179,6 @@ def audit_handler(engine: AuditorEngine) -> Callable[[dict[str, Any]], dict[str,
     return handle
 
 
-def run_id(self_edit_id: str, run: int) -> str:
-    """One training run of a self-edit, as task ids name it: "<id>" for run 0, "<id>#<run>" after."""
-    return f"{self_edit_id}#{run}" if run > 0 else self_edit_id
-
-
 def audit_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
     task = decode(AuditTask, payload)
     verdict = decode(AuditResult, result).verdict
@@ -191,7 +186,7 @@ def audit_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Tas
     audited = Audited(self_edit_id=verdict.self_edit_id, verdict=verdict, run=task.run)
     event = Event(job_id=verdict.job_id, audited=audited)
     # The run is in the id: two runs of one self-edit are two verdicts, never one deduplicated event.
-    return [Task("events", f"verdict/{run_id(verdict.self_edit_id, task.run)}", encode(event))]
+    return [Task("events", f"verdict/{run_task_id(verdict.self_edit_id, task.run)}", encode(event))]
 
 
 def build_judge(config: ServiceConfig, api_key: str, plane: WorkPlane) -> LLMJudge | None:

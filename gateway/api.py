@@ -20,7 +20,7 @@ from gateway.core import TERMINAL_STATES
 from gateway.jobs import JobPage, JobStore
 from seal import metrics
 from seal.errors import InvalidArgument, ResourceExhausted
-from seal.records import Job, JobSpec, RecordError, from_dict
+from seal.records import Job, JobSpec, PolicyVersion, RecordError, from_dict
 from seal.validation import Limits, validate_job_spec
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class GatewayApi:
     def submit(self, spec: JobSpec, principal: Principal = ANONYMOUS) -> Job:
         authorize(principal, "submit_job")
         validate_job_spec(spec, self.limits, self.deployment_model)
+        if spec.policy_version:
+            self.store.get_policy(spec.policy_version)  # NotFound names it before anything is enqueued
         job = self.store.create(spec, owner=principal.subject)
         metrics.job_submitted()
         return job
@@ -101,6 +103,15 @@ class GatewayApi:
     def get(self, job_id: str, principal: Principal = ANONYMOUS) -> Job:
         authorize(principal, "get_job")
         return self.store.get(job_id, principal.owner_filter)
+
+    def list_policies(self, principal: Principal = ANONYMOUS) -> list[PolicyVersion]:
+        """Trained teacher policy versions, newest first."""
+        authorize(principal, "list_policies")
+        return self.store.list_policies()
+
+    def get_policy(self, version: str, principal: Principal = ANONYMOUS) -> PolicyVersion:
+        authorize(principal, "get_policy")
+        return self.store.get_policy(version)
 
     def list_jobs(
         self, principal: Principal = ANONYMOUS, limit: int = 50, cursor: str = "", owner: str | None = None

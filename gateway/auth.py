@@ -59,11 +59,16 @@ ACTION_ROLES: dict[str, frozenset[Role]] = {
     "watch_job": frozenset({Role.SUBMITTER, Role.OPERATOR}),
     "list_jobs": frozenset({Role.SUBMITTER, Role.OPERATOR}),
     "list_jobs_of_any_owner": frozenset({Role.OPERATOR}),
+    # Policy versions are shared by every tenant: a submitter names one in a job.
+    "list_policies": frozenset({Role.SUBMITTER, Role.OPERATOR}),
+    "get_policy": frozenset({Role.SUBMITTER, Role.OPERATOR}),
 }
 GRPC_ACTIONS = {
     "/seal.v1.Gateway/SubmitJob": "submit_job",
     "/seal.v1.Gateway/GetJob": "get_job",
     "/seal.v1.Gateway/WatchJob": "watch_job",
+    "/seal.v1.Gateway/ListPolicies": "list_policies",
+    "/seal.v1.Gateway/GetPolicy": "get_policy",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from typing import Any
 
@@ -17,8 +18,10 @@ from seal.records import (
     Job,
     JobSpec,
     JobState,
+    PolicyTask,
     Progress,
     ProposeTask,
+    SeedRun,
     SelfEdit,
     Verdict,
     from_dict,
@@ -29,48 +32,81 @@ TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED)
 
 
 def expected_edits(spec: JobSpec) -> int:
-    """Adapters a job trains and audits in all: N per document, plus the passage-only control."""
+    """Self-edits a job proposes in all: N per document, plus the passage-only control."""
     return len(spec.documents) * (spec.n_self_edits + int(spec.passage_control))
 
 
-def best_self_edit(edits: list[EditResult]) -> str:
-    """The audited self-edit with the highest reward; ties go to the first.
+def expected_runs(spec: JobSpec) -> int:
+    """Adapters a job trains and audits in all: every self-edit once per seed."""
+    return expected_edits(spec) * max(spec.seeds, 1)
 
-    The control never counts, nor does a self-edit that leaked τ: its reward measures copying the
-    answers, not learning. Other guardrails (forgetting) gate promotion through `Verdict.passed`,
-    not the ranking.
-    """
-    scored = [
-        e
-        for e in edits
-        if e.verdict is not None
-        and "tau_leak" not in e.verdict.failed_checks()
-        and e.self_edit.format != EditFormat.PASSAGE
+
+def split_run(edit_run_id: str) -> tuple[str, int]:
+    """("<self_edit_id>", run) of a run id as seal.tasks.run_task_id writes it."""
+    edit_id, sep, run = edit_run_id.rpartition("#")
+    return (edit_id, int(run)) if sep and run.isdigit() else (edit_run_id, 0)
+
+
+def edit_result(self_edit: SelfEdit, runs: dict[int, dict[str, Any]]) -> EditResult:
+    """A self-edit with its training runs; its reward is the mean over the audited runs."""
+    seed_runs = [
+        SeedRun(
+            run=run,
+            adapter=from_dict(AdapterRef, p["adapter"]) if "adapter" in p else None,
+            verdict=from_dict(Verdict, p["verdict"]) if "verdict" in p else None,
+        )
+        for run, p in sorted(runs.items())
     ]
+    first = next((r for r in seed_runs if r.run == 0), SeedRun(0))
+    rewards = [r.verdict.reward for r in seed_runs if r.verdict is not None]
+    return EditResult(
+        self_edit=self_edit,
+        adapter=first.adapter,
+        verdict=first.verdict,
+        more_runs=tuple(r for r in seed_runs if r.run != 0),
+        reward=statistics.fmean(rewards) if rewards else None,
+        reward_std=statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+    )
+
+
+def best_self_edit(edits: list[EditResult]) -> str:
+    """The audited self-edit with the highest mean reward over its runs; ties go to the first.
+
+    The control never counts, nor does a self-edit that leaked τ in any run: its reward measures
+    copying the answers, not learning. Other guardrails (forgetting) gate promotion through
+    `Verdict.passed`, not the ranking.
+    """
+    scored = [e for e in edits if e.reward is not None and rankable(e)]
     if not scored:
         return ""
-    return max(scored, key=lambda e: (e.verdict.reward, -e.self_edit.index)).self_edit.id  # type: ignore[union-attr]
+    return max(scored, key=lambda e: (e.reward, -e.self_edit.index)).self_edit.id  # type: ignore[arg-type,return-value]
+
+
+def rankable(edit: EditResult) -> bool:
+    """A sampled self-edit (not the control) none of whose verdicts caught it leaking τ."""
+    leaked = any(r.verdict is not None and "tau_leak" in r.verdict.failed_checks() for r in edit.runs())
+    return edit.self_edit.format != EditFormat.PASSAGE and not leaked
 
 
 def assemble_job(meta: dict[str, Any], state: dict[str, str], parts: dict[str, str]) -> Job:
     """Build the Job record from its stored pieces.
 
     meta: {"id", "spec", "created_at"}; state: {"state", "finished_at", "error"};
-    parts: "<self_edit_id>|self_edit|adapter|verdict" -> JSON-decoded record dicts.
+    parts: "<self_edit_id>|self_edit" and "<run id>|adapter|verdict" -> JSON-decoded record dicts,
+    where a run id is the self-edit's id for run 0 and "<self_edit_id>#<run>" after.
     """
     spec = from_dict(JobSpec, meta["spec"])
-    by_edit: dict[str, dict[str, Any]] = defaultdict(dict)
+    self_edits: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
     for key, value in parts.items():
-        edit_id, kind = key.rsplit("|", 1)
-        by_edit[edit_id][kind] = value
+        run_id, kind = key.rsplit("|", 1)
+        if kind == "self_edit":
+            self_edits[run_id] = value
+        else:
+            edit_id, run = split_run(run_id)
+            runs[edit_id][run][kind] = value
     results = [
-        EditResult(
-            self_edit=from_dict(SelfEdit, p["self_edit"]),
-            adapter=from_dict(AdapterRef, p["adapter"]) if "adapter" in p else None,
-            verdict=from_dict(Verdict, p["verdict"]) if "verdict" in p else None,
-        )
-        for p in by_edit.values()
-        if "self_edit" in p
+        edit_result(from_dict(SelfEdit, se), runs.get(edit_id, {})) for edit_id, se in self_edits.items()
     ]
     documents = tuple(_document_result(i, doc.title, results) for i, doc in enumerate(spec.documents))
     return Job(
@@ -83,9 +119,9 @@ def assemble_job(meta: dict[str, Any], state: dict[str, str], parts: dict[str, s
         progress=Progress(
             documents=len(spec.documents),
             proposed=len({r.self_edit.doc_index for r in results}),
-            self_edits=expected_edits(spec),
-            trained=sum(r.adapter is not None for r in results),
-            audited=sum(r.verdict is not None for r in results),
+            self_edits=expected_runs(spec),
+            trained=sum(r.adapter is not None for e in results for r in e.runs()),
+            audited=sum(r.verdict is not None for e in results for r in e.runs()),
         ),
         documents=documents,
     )
@@ -113,7 +149,7 @@ def job_id_of_task(stream: str, payload: dict[str, Any]) -> str:
         task = decode(task_type, payload) if task_type is not None else None
     except InvalidArgument:
         return ""
-    if isinstance(task, (ProposeTask, Event)):
+    if isinstance(task, (ProposeTask, Event, PolicyTask)):
         return task.job_id
     if isinstance(task, (ApplyTask, AuditTask)) and task.self_edit is not None:
         return task.self_edit.job_id

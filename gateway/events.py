@@ -14,13 +14,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gateway.conductor import Conductor
 from gateway.core import TERMINAL_STATES, job_id_of_task
 from gateway.jobs import JobStore
 from seal.digests import document_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
 from seal.records import Audited, DeadLetter, Event, Job, JobState, Proposed, Trained, to_dict
 from seal.signing import Expected, TrustedKeys, VerdictRejected, check_verdict
-from seal.tasks import decode
+from seal.tasks import decode, run_task_id
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,14 @@ class NotRecordedYet(RuntimeError):
     """A verdict arrived before the events that name its self-edit and adapter: retried later."""
 
 
-def expected_for(job: Job, self_edit_id: str) -> Expected:
-    """What a verdict for `self_edit_id` must name, from this gateway's own records of `job`."""
+def expected_for(job: Job, self_edit_id: str, run: int = 0) -> Expected:
+    """What a verdict for run `run` of `self_edit_id` must name, from this gateway's own records."""
     edit = next((e for d in job.documents for e in d.edits if e.self_edit.id == self_edit_id), None)
-    if edit is None or edit.adapter is None:
-        raise NotRecordedYet(f"self-edit {self_edit_id!r} of job {job.id} has no recorded adapter yet")
+    adapter = next((r.adapter for r in edit.runs() if r.run == run), None) if edit is not None else None
+    if edit is None or adapter is None:
+        raise NotRecordedYet(
+            f"run {run} of self-edit {self_edit_id!r} of job {job.id} has no recorded adapter yet"
+        )
     doc_index = edit.self_edit.doc_index
     return Expected(
         job_id=job.id,
@@ -41,12 +45,14 @@ def expected_for(job: Job, self_edit_id: str) -> Expected:
         self_edit_id=self_edit_id,
         self_edit_sha256=self_edit_sha256(edit.self_edit),
         document_sha256=document_sha256(job.spec.documents[doc_index]),
-        adapter_sha256=edit.adapter.sha256,
-        base_fingerprint=edit.adapter.base_fingerprint,
+        adapter_sha256=adapter.sha256,
+        base_fingerprint=adapter.base_fingerprint,
     )
 
 
 def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    conductor = Conductor(store)
+
     def proposed(job_id: str, event: Proposed) -> None:
         for se in event.self_edits:
             store.record(job_id, se.id, "self_edit", to_dict(se))
@@ -55,7 +61,7 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
     def trained(job_id: str, event: Trained) -> None:
         if event.adapter is None:
             raise InvalidArgument("trained.adapter", "is required")
-        store.record(job_id, event.self_edit_id, "adapter", to_dict(event.adapter))
+        store.record(job_id, run_task_id(event.self_edit_id, event.run), "adapter", to_dict(event.adapter))
 
     def audited(job_id: str, event: Audited) -> None:
         verdict = event.verdict
@@ -71,17 +77,20 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
                 raise VerdictRejected(
                     "wrong_job", f"verdict names job {verdict.job_id!r}, event job {job.id!r}"
                 )
-            check_verdict(verdict, keys, expected_for(job, verdict.self_edit_id))
+            check_verdict(verdict, keys, expected_for(job, verdict.self_edit_id, event.run))
         except VerdictRejected as exc:
             log.error("verdict refused", extra={"self_edit_id": event.self_edit_id, "reason": str(exc)})
             store.set_state(job.id, JobState.FAILED, error=f"verdict for {event.self_edit_id} refused: {exc}")
             return
-        store.record(job.id, event.self_edit_id, "verdict", to_dict(verdict))
+        store.record(job.id, run_task_id(event.self_edit_id, event.run), "verdict", to_dict(verdict))
 
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
         event = decode(Event, payload)
-        if event.proposed is None and event.trained is None and event.audited is None:
-            raise InvalidArgument("payload", "an event must be one of proposed, trained, audited")
+        kinds = (event.proposed, event.trained, event.audited, event.policy_trained)
+        if all(kind is None for kind in kinds):
+            raise InvalidArgument(
+                "payload", "an event must be one of proposed, trained, audited, policy_trained"
+            )
         if not store.exists(event.job_id):  # expired, or named by a forged event: nothing to fold into
             log.warning("event for an unknown job dropped", extra={"job_id": event.job_id})
             return {}
@@ -91,14 +100,19 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
             trained(event.job_id, event.trained)
         elif event.audited is not None:
             audited(event.job_id, event.audited)
+        elif event.policy_trained is not None:
+            conductor.policy_trained(event.job_id, event.policy_trained)
         store.finish_if_complete(event.job_id)
+        conductor.round_changed(event.job_id)
         return {}
 
     return handle
 
 
 def dead_letter_handler(store: JobStore) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """A task that kept failing fails its job, with the reason the service gave."""
+    """A task that kept failing fails its job, with the reason the service gave (and a failed round
+    fails its policy-training job)."""
+    conductor = Conductor(store)
 
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
         letter = decode(DeadLetter, payload)
@@ -112,6 +126,7 @@ def dead_letter_handler(store: JobStore) -> Callable[[dict[str, Any]], dict[str,
                 f"{letter.stream} task {letter.task_id} failed ({letter.attempts} attempts): {letter.reason}"
             )
             store.set_state(job_id, JobState.FAILED, error=reason)
+            conductor.round_changed(job_id)
         return {"job_id": job_id}
 
     return handle

@@ -161,6 +161,14 @@ def build_app(
         watch = await run_in_threadpool(api.open_watch, request.path_params["job_id"], principal)
         return WatchResponse(watch, api.poll_s)
 
+    async def list_policies(request: Request) -> Response:
+        policies = await run_in_threadpool(api.list_policies, caller(request))
+        return JSONResponse({"policies": [to_dict(p) for p in policies]})
+
+    async def get_policy(request: Request) -> Response:
+        policy = await run_in_threadpool(api.get_policy, request.path_params["version"], caller(request))
+        return JSONResponse(to_dict(policy))
+
     async def healthz(request: Request) -> Response:
         if is_serving():
             return JSONResponse({"status": "serving"})
@@ -169,7 +177,7 @@ def build_app(
     async def route_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; the API is /v1/jobs and /v1/jobs/<id>"
+            message = f"no route {request.method} {request.url.path}; the API is /v1/jobs, /v1/jobs/<id> and /v1/policies"
         elif exc.status_code == 405:
             message = (
                 f"{request.url.path} does not take {request.method}; it takes {exc.headers.get('Allow', '')}"
@@ -185,6 +193,8 @@ def build_app(
         Route("/v1/jobs", _json_errors(jobs), methods=["GET", "POST"]),
         Route("/v1/jobs/{job_id}", _json_errors(get_job), methods=["GET"]),
         Route("/v1/jobs/{job_id}/watch", _json_errors(watch_job), methods=["GET"]),
+        Route("/v1/policies", _json_errors(list_policies), methods=["GET"]),
+        Route("/v1/policies/{version}", _json_errors(get_policy), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", _AsgiEndpoint(make_asgi_app()), methods=["GET"]),
     ]

@@ -3,16 +3,20 @@
 Keys under the namespace:
   job:<id>        JSON {"id", "spec", "created_at", "owner"} written once at submission
   job:<id>:state  hash {state, finished_at, error}
-  job:<id>:parts  hash "<self_edit_id>|<kind>" -> JSON      kinds: self_edit, adapter, verdict
+  job:<id>:parts  hash "<run id>|<kind>" -> JSON      kinds: self_edit, adapter, verdict (see
+                  gateway.core.assemble_job); a policy-training job's hash holds
+                  "round/<r>|job|policy|selected|trained" instead
   tau:<id>        JSON list of documents with τ              read by the auditor only
   jobs            sorted set of job ids by submission time
   jobs:owner:<s>  the same, of the jobs that subject <s> submitted
+  policy:<v>      JSON PolicyVersion of a trained teacher policy (lineage); policies: zset by time
 Each event writes its own hash field, so concurrent gateways never overwrite each other. Every key
 expires after JOB_TTL_S, and each submission trims the indexes of ids older than that.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -20,9 +24,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core import TERMINAL_STATES, assemble_job, expected_edits
+from gateway.core import TERMINAL_STATES, assemble_job, expected_runs
+from gateway.rounds import round_job_id, round_result, round_spec
 from seal.errors import InvalidArgument, NotFound
-from seal.records import Job, JobSpec, JobState, ProposeTask, from_dict, to_dict
+from seal.records import (
+    Job,
+    JobSpec,
+    JobState,
+    PolicyVersion,
+    Progress,
+    ProposeTask,
+    RoundResult,
+    from_dict,
+    to_dict,
+)
 from seal.tasks import encode
 from seal.workplane import Task, WorkPlane
 
@@ -62,19 +77,56 @@ class JobStore:
         return self._k("jobs", "owner", owner) if owner else self._k("jobs")
 
     def create(self, spec: JobSpec, owner: str = "") -> Job:
-        """Store a validated job and enqueue one propose task per document, atomically.
+        """Store a validated job and enqueue its first work, atomically.
 
         `owner` is the subject that submitted it ("" on an open API); submitters see only their own.
+        A knowledge-incorporation job enqueues one propose task per document; a policy-training job
+        starts its first round's job in the same transaction.
         """
         job_id = uuid.uuid4().hex[:16]
+        pipe = self.redis.pipeline(transaction=True)
+        if spec.policy_training is None:
+            self._create(pipe, job_id, spec, owner)
+        else:
+            self._create(pipe, job_id, spec, owner, state=JobState.RUNNING)
+            self._start_round(pipe, job_id, spec, owner, 1, "")
+        pipe.execute()
+        return self.get(job_id)
+
+    def start_round(self, parent: Job, round_number: int, policy_version: str) -> None:
+        """Start round `round_number` of a policy-training job with `policy_version`; a second call
+        for the same round changes nothing (the round's job id is fixed)."""
+        owner = self._owner(parent.id)
+        if self.exists(round_job_id(parent.id, round_number)):
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        self._start_round(pipe, parent.id, parent.spec, owner, round_number, policy_version)
+        pipe.execute()
+
+    def _start_round(
+        self, pipe: Any, parent_id: str, spec: JobSpec, owner: str, round_number: int, policy_version: str
+    ) -> None:
+        child_id = round_job_id(parent_id, round_number)
+        self._create(pipe, child_id, round_spec(spec, parent_id, policy_version), owner)
+        parts = self._k("job", parent_id, "parts")
+        pipe.hsetnx(parts, f"round/{round_number}|job", json.dumps(child_id))
+        pipe.hsetnx(parts, f"round/{round_number}|policy", json.dumps(policy_version))
+        pipe.expire(parts, JOB_TTL_S)
+
+    def _create(
+        self, pipe: Any, job_id: str, spec: JobSpec, owner: str, state: JobState = JobState.QUEUED
+    ) -> None:
         now = time.time()
         meta = {"id": job_id, "spec": to_dict(spec), "created_at": now, "owner": owner}
-        pipe = self.redis.pipeline(transaction=True)
         pipe.set(self._k("job", job_id), json.dumps(meta), ex=JOB_TTL_S)
-        pipe.hset(self._k("job", job_id, "state"), mapping={"state": JobState.QUEUED.value})
+        pipe.hset(self._k("job", job_id, "state"), mapping={"state": state.value})
         pipe.expire(self._k("job", job_id, "state"), JOB_TTL_S)
+        if spec.policy_training is not None:
+            return  # the rounds' jobs carry the work; τ is read from them
         pipe.set(self._k("tau", job_id), json.dumps(to_dict(spec.documents)), ex=JOB_TTL_S)
-        for index in {self._index(None), self._index(owner)}:
+        # Rounds of a policy-training job are listed under it, not beside it.
+        indexes = {self._index(None), self._index(owner)} if not spec.parent_job_id else set()
+        for index in indexes:
             pipe.zadd(index, {job_id: now})
             # The jobs themselves expire after JOB_TTL_S; their ids go from the index with them.
             pipe.zremrangebyscore(index, "-inf", f"({now - JOB_TTL_S}")
@@ -89,10 +141,24 @@ class JobStore:
                 lora=spec.lora,
                 sampling=spec.sampling,
                 passage_control=spec.passage_control,
+                policy_version=spec.policy_version,
+                teacher_model=spec.teacher_model,
+                seeds=spec.seeds,
             )
             self.plane.enqueue(Task("propose", f"{job_id}/{doc_index}", encode(task)), pipeline=pipe)
-        pipe.execute()
-        return self.get(job_id)
+
+    def _owner(self, job_id: str) -> str:
+        raw = self.redis.get(self._k("job", job_id))
+        return str(json.loads(raw).get("owner", "")) if raw is not None else ""
+
+    def parent_of(self, job_id: str) -> str:
+        """The policy-training job `job_id` is a round of, or ""."""
+        raw = self.redis.get(self._k("job", job_id)) if _JOB_ID.fullmatch(job_id) else None
+        return str(json.loads(raw)["spec"].get("parent_job_id", "")) if raw is not None else ""
+
+    def touch(self, job_id: str) -> None:
+        """Mark a job changed for its watchers (a policy job when one of its rounds moves)."""
+        self.redis.hincrby(self._k("job", job_id, "state"), "changes", 1)
 
     def get(self, job_id: str, owner: str | None = None) -> Job:
         """The job; with `owner`, only if that subject submitted it (another's job is NotFound too,
@@ -107,7 +173,64 @@ class JobStore:
         parts = {
             k.decode(): json.loads(v) for k, v in self.redis.hgetall(self._k("job", job_id, "parts")).items()
         }
+        if "policy_training" in meta["spec"] and meta["spec"]["policy_training"] is not None:
+            return self._policy_job(meta, state, parts)
         return assemble_job(meta, state, parts)
+
+    def _policy_job(self, meta: dict[str, Any], state: dict[str, str], parts: dict[str, Any]) -> Job:
+        """A policy-training job: its rounds, each from its own round job, and the current one's progress."""
+        job = assemble_job(meta, state, {})
+        rounds: list[RoundResult] = []
+        current: Job | None = None
+        for number in sorted({int(k.split("|")[0].split("/")[1]) for k in parts if k.startswith("round/")}):
+            child_id = parts.get(f"round/{number}|job", "")
+            child = self.get(child_id) if child_id and self.exists(child_id) else None
+            trained = parts.get(f"round/{number}|trained")
+            rounds.append(
+                round_result(
+                    number,
+                    child,
+                    parts.get(f"round/{number}|policy", ""),
+                    from_dict(PolicyVersion, trained) if trained is not None else None,
+                    int(parts.get(f"round/{number}|selected", 0)),
+                )
+            )
+            current = child or current
+        last = next((r.trained.version for r in reversed(rounds) if r.trained is not None), "")
+        progress = current.progress if current is not None else Progress(documents=len(job.spec.documents))
+        training = job.spec.policy_training
+        return dataclasses.replace(
+            job,
+            rounds=tuple(rounds),
+            policy_version=last,
+            progress=dataclasses.replace(
+                progress, round=len(rounds), rounds=training.rounds if training is not None else 0
+            ),
+        )
+
+    def record_round(self, parent_id: str, round_number: int, kind: str, value: Any) -> bool:
+        """Record one fact of a round once (HSETNX); True if this call wrote it."""
+        key = self._k("job", parent_id, "parts")
+        written = bool(self.redis.hsetnx(key, f"round/{round_number}|{kind}", json.dumps(value)))
+        self.redis.expire(key, JOB_TTL_S)
+        return written
+
+    def save_policy(self, policy: PolicyVersion) -> None:
+        """List a trained policy version (its lineage) for ListPolicies / GetPolicy and submissions."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._k("policy", policy.version), json.dumps(to_dict(policy)))
+        pipe.zadd(self._k("policies"), {policy.version: policy.created_at or time.time()})
+        pipe.execute()
+
+    def get_policy(self, version: str) -> PolicyVersion:
+        raw = self.redis.get(self._k("policy", version)) if re.fullmatch(r"[0-9a-f]{64}", version) else None
+        if raw is None:
+            raise NotFound(f"no policy version {version!r}; list them with ListPolicies (GET /v1/policies)")
+        return from_dict(PolicyVersion, json.loads(raw))
+
+    def list_policies(self, limit: int = MAX_PAGE) -> list[PolicyVersion]:
+        versions = [v.decode() for v in self.redis.zrevrange(self._k("policies"), 0, limit - 1)]
+        return [self.get_policy(v) for v in versions]
 
     def revision(self, job_id: str) -> tuple[Any, ...]:
         """A cheap marker that changes whenever the job does (one round trip), for watchers."""
@@ -163,8 +286,10 @@ class JobStore:
         if raw is None:
             return False
         spec = from_dict(JobSpec, json.loads(raw)["spec"])
+        if spec.policy_training is not None:
+            return False  # finished by its last round (gateway.conductor)
         fields = self.redis.hkeys(self._k("job", job_id, "parts"))
-        if sum(f.endswith(b"|verdict") for f in fields) >= expected_edits(spec):
+        if sum(f.endswith(b"|verdict") for f in fields) >= expected_runs(spec):
             self.set_state(job_id, JobState.SUCCEEDED)
             return True
         return False

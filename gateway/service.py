@@ -21,7 +21,7 @@ from seal.runtime import connect_plane, make_worker
 from seal.server import ServiceProcess
 from seal.signing import load_trusted_keys
 from seal.tls import tls_files
-from seal.v1 import gateway_pb2, gateway_pb2_grpc
+from seal.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -37,6 +37,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def WatchJob(self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
         for job in self.api.watch(request.job_id, current_principal(), is_active=context.is_active):
             yield _job_pb(job)
+
+    def ListPolicies(self, request: gateway_pb2.ListPoliciesRequest, context: grpc.ServicerContext) -> Any:
+        policies = self.api.list_policies(current_principal())
+        return gateway_pb2.ListPoliciesResponse(
+            policies=[convert.to_pb(p, types_pb2.PolicyVersion) for p in policies]
+        )
+
+    def GetPolicy(self, request: gateway_pb2.GetPolicyRequest, context: grpc.ServicerContext) -> Any:
+        return convert.to_pb(
+            self.api.get_policy(request.version, current_principal()), types_pb2.PolicyVersion
+        )
 
 
 def _job_pb(job: Job) -> gateway_pb2.Job:

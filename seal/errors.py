@@ -24,6 +24,10 @@ class NotFound(PermanentError, LookupError):
     """The named thing (job, adapter) does not exist here."""
 
 
+class FailedPrecondition(PermanentError):
+    """The system is not in a state where this can run (e.g. a backend that cannot train a policy)."""
+
+
 class Unauthenticated(Exception):
     """No credentials, or credentials nobody issued (a missing or unknown API token)."""
 
@@ -41,6 +45,8 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (UnknownModelError, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (NotFound, grpc.StatusCode.NOT_FOUND, 404),
+    # Google's mapping of FAILED_PRECONDITION to HTTP: 400, with a message saying what to change.
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, 400),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),

@@ -55,6 +55,11 @@ TASK_TYPES: dict[str, type] = {
 }
 
 
+def run_task_id(self_edit_id: str, run: int) -> str:
+    """The task id of one training run of a self-edit: the self-edit's id for run 0, "<id>#<run>" after."""
+    return self_edit_id if run == 0 else f"{self_edit_id}#{run}"
+
+
 def encode(record: Any) -> dict[str, Any]:
     """A payload record as the JSON object of its proto message."""
     message = convert.to_pb(record, MESSAGES[type(record)])

@@ -17,6 +17,10 @@ from seal.records import Document, EditFormat, JobSpec, LoraSettings, SamplingSe
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Learning-rate schedules of the inner loop (student.training.make_scheduler).
 SCHEDULES = ("linear", "constant")
+# The outer loop: how self-edits are selected, and what the policy update optimizes.
+SELECTIONS = ("best_of_n", "threshold")
+OBJECTIVES = ("sft", "dpo", "discopop")
+PREFERENCE_OBJECTIVES = ("dpo", "discopop")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,10 @@ class Limits:
     max_directive_epochs: int = 20
     min_directive_learning_rate: float = 1e-5
     max_directive_learning_rate: float = 1e-2
+    # Policy-training jobs (the ReST-EM outer loop).
+    max_rounds: int = 10
+    max_policy_contexts: int = 200
+    max_seeds: int = 5
 
 
 def check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -119,9 +127,12 @@ def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> N
     """Everything a job must satisfy before anything is enqueued."""
     if not spec.documents:
         raise InvalidArgument("documents", "must hold at least one document (title, context, questions)")
-    if len(spec.documents) > limits.max_documents:
+    max_documents = limits.max_policy_contexts if spec.policy_training else limits.max_documents
+    if len(spec.documents) > max_documents:
         raise InvalidArgument(
-            "documents", f"must hold at most {limits.max_documents} documents, got {len(spec.documents)}"
+            "documents",
+            f"must hold at most {max_documents} {'training contexts' if spec.policy_training else 'documents'}, "
+            f"got {len(spec.documents)}",
         )
     for i, doc in enumerate(spec.documents):
         validate_document(doc, limits, f"documents[{i}]")
@@ -130,9 +141,47 @@ def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> N
         raise InvalidArgument(
             "edit_format", "must be implications, rewrite or self_qa (passage is the control)"
         )
+    check_int_range("seeds", spec.seeds, 1, limits.max_seeds)
     validate_lora(spec.lora)
     validate_sampling(spec.sampling)
+    if spec.parent_job_id:
+        raise InvalidArgument(
+            "parent_job_id", "is set by the gateway for the rounds it starts; leave it empty"
+        )
+    if spec.policy_training is not None:
+        validate_policy_training(spec, limits)
     if spec.model and spec.model != deployment_model:
         raise InvalidArgument(
             "model", f"unknown model {spec.model!r}; this deployment adapts {deployment_model!r}"
+        )
+
+
+def validate_policy_training(spec: JobSpec, limits: Limits) -> None:
+    """What a policy-training job must satisfy beyond an ordinary job's checks."""
+    training = spec.policy_training
+    assert training is not None
+    check_int_range("policy_training.rounds", training.rounds, 1, limits.max_rounds)
+    if training.selection not in SELECTIONS:
+        raise InvalidArgument(
+            "policy_training.selection", f"must be one of {', '.join(SELECTIONS)}, got {training.selection!r}"
+        )
+    check_range("policy_training.reward_threshold", training.reward_threshold, -1, 1)
+    policy, prefix = training.policy, "policy_training.policy"
+    if policy.objective not in OBJECTIVES:
+        raise InvalidArgument(
+            f"{prefix}.objective", f"must be one of {', '.join(OBJECTIVES)}, got {policy.objective!r}"
+        )
+    check_int_range(f"{prefix}.rank", policy.rank, 1, 256)
+    check_range(f"{prefix}.alpha", policy.alpha, 0, 4096, low_open=True)
+    check_range(f"{prefix}.learning_rate", policy.learning_rate, 0, 0.1, low_open=True)
+    check_int_range(f"{prefix}.epochs", policy.epochs, 1, 20)
+    check_int_range(f"{prefix}.batch_size", policy.batch_size, 1, 64)
+    check_range(f"{prefix}.beta", policy.beta, 0, 10, low_open=True)
+    check_range(f"{prefix}.discopop_tau", policy.discopop_tau, 0, 10, low_open=True)
+    check_int_range(f"{prefix}.max_seq_len", policy.max_seq_len, 64, 8192)
+    check_int_range(f"{prefix}.seed", policy.seed, 0, 2**31 - 1)
+    if spec.n_self_edits < 2 and policy.objective in PREFERENCE_OBJECTIVES:
+        raise InvalidArgument(
+            "n_self_edits",
+            f"objective {policy.objective} pairs a better and a worse self-edit: needs at least 2",
         )

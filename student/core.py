@@ -5,6 +5,7 @@ No gRPC here; the servicer translates requests into `apply_self_edit` calls and 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,10 +28,16 @@ def apply_self_edit(
     adapters_root: Path,
     student_id: str = "",
     on_step: Callable[[int, float], None] | None = None,
+    run: int = 0,
 ) -> AdapterRef:
-    """Train a LoRA on the self-edit, save it content addressed, and restore the base model."""
+    """Train a LoRA on the self-edit, save it content addressed, and restore the base model.
+
+    `run` numbers the training runs of one self-edit: run r trains with seed lora.seed + r, so
+    several runs measure how much the reward owes to the seed.
+    """
     texts = build_training_texts(self_edit)
-    peft_model, stats = train_adapter(model, tokenizer, texts, self_edit.lora, on_step=on_step)
+    lora = dataclasses.replace(self_edit.lora, seed=self_edit.lora.seed + run)
+    peft_model, stats = train_adapter(model, tokenizer, texts, lora, on_step=on_step)
     metrics.training_done(stats.steps, stats.seconds)
     try:
         final_loss = stats.losses[-1] if stats.losses else 0.0
@@ -42,7 +49,11 @@ def apply_self_edit(
             "teacher_model": self_edit.teacher_model,
             "base_model": base_model_name,
             "base_fingerprint": base_fingerprint,
-            "lora": asdict(self_edit.lora),
+            "lora": asdict(lora),
+            "run": run,
+            "policy_version": self_edit.policy_version,
+            "directives": self_edit.directives,
+            "directive_error": self_edit.directive_error,
             "data_sha256": training_data_sha256(texts),
             "steps": stats.steps,
             "final_loss": final_loss,

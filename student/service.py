@@ -19,7 +19,7 @@ from seal.records import AdapterRef, ApplyResult, ApplyTask, AuditTask, Event, S
 from seal.registry import StudentRegistry, student_id_for
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
-from seal.tasks import decode, encode
+from seal.tasks import decode, encode, run_task_id
 from seal.tls import tls_files
 from seal.v1 import student_pb2, student_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_lora, validate_passage
@@ -48,7 +48,9 @@ class StudentEngine:
     registry: StudentRegistry | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def apply(self, self_edit: SelfEdit, on_step: Callable[[int, float], None] | None = None) -> AdapterRef:
+    def apply(
+        self, self_edit: SelfEdit, on_step: Callable[[int, float], None] | None = None, run: int = 0
+    ) -> AdapterRef:
         validate_passage(self_edit.passage.title, self_edit.passage.context, self.limits, "self_edit.passage")
         validate_lora(self_edit.lora, "self_edit.lora")
         self.check_budget(self_edit)
@@ -62,6 +64,7 @@ class StudentEngine:
                 adapters_root=self.adapters_root,
                 student_id=self.student_id,
                 on_step=on_step,
+                run=run,
             )
             for sha in prune_adapters(self.adapters_root, self.retention):
                 if self.registry is not None:
@@ -114,20 +117,23 @@ class StudentServicer(student_pb2_grpc.StudentServicer):
 
 def apply_handler(engine: StudentEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
-        return encode(ApplyResult(adapter=engine.apply(_required(decode(ApplyTask, payload).self_edit))))
+        task = decode(ApplyTask, payload)
+        return encode(ApplyResult(adapter=engine.apply(_required(task.self_edit), run=task.run)))
 
     return handle
 
 
 def apply_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
     """Tell the gateway the adapter was trained, and hand it to the auditor."""
-    se = _required(decode(ApplyTask, payload).self_edit)
+    task = decode(ApplyTask, payload)
+    se = _required(task.self_edit)
     adapter = decode(ApplyResult, result).adapter
-    event = Event(job_id=se.job_id, trained=Trained(self_edit_id=se.id, adapter=adapter))
+    event = Event(job_id=se.job_id, trained=Trained(self_edit_id=se.id, adapter=adapter, run=task.run))
+    run_id = run_task_id(se.id, task.run)
     # The event first: the gateway must know the adapter before the auditor's verdict names it.
     return [
-        Task("events", f"trained/{se.id}", encode(event)),
-        Task("audit", se.id, encode(AuditTask(self_edit=se, adapter=adapter))),
+        Task("events", f"trained/{run_id}", encode(event)),
+        Task("audit", run_id, encode(AuditTask(self_edit=se, adapter=adapter, run=task.run))),
     ]
 
 

@@ -4,25 +4,42 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from seal import convert
 from seal.config import ServiceConfig
-from seal.errors import InvalidArgument
-from seal.records import ApplyTask, EditFormat, Event, Proposed, ProposeResult, ProposeTask, SelfEdit
+from seal.errors import FailedPrecondition, InvalidArgument
+from seal.records import (
+    ApplyTask,
+    EditFormat,
+    Event,
+    PolicyResult,
+    PolicyTask,
+    PolicyTrained,
+    PolicyVersion,
+    Proposed,
+    ProposeResult,
+    ProposeTask,
+    SelfEdit,
+)
+from seal.registry import student_id_for
 from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
-from seal.tasks import decode, encode
+from seal.tasks import decode, encode, run_task_id
 from seal.tls import tls_files
 from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
 from seal.validation import Limits, check_int_range, validate_lora, validate_passage, validate_sampling
 from seal.workplane import Task
-from teacher.backends import BACKENDS, Generator
+from teacher.backends import BACKENDS, Generator, TransformersGenerator
 from teacher.core import passage_control, propose_self_edits
+from teacher.policies import PolicyStore
+from teacher.policy import policy_training_data_sha256, release_policy, train_policy
 
 
 @dataclass
@@ -31,11 +48,21 @@ class TeacherEngine:
 
     generator: Generator
     limits: Limits
+    # The model this teacher serves, as jobs name it (config.model).
+    model: str = ""
+    policies: PolicyStore | None = None
+    # Who holds the policy versions this teacher trains (its data dir's id), and its base's fingerprint.
+    teacher_id: str = ""
+    fingerprint: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def propose(self, task: ProposeTask) -> list[SelfEdit]:
         validate_passage(task.passage.title, task.passage.context, self.limits, "passage")
         check_int_range("n", task.n, 1, self.limits.max_self_edits)
+        if task.teacher_model and task.teacher_model != self.model:
+            raise InvalidArgument(
+                "teacher_model", f"this teacher serves {self.model!r}, not {task.teacher_model!r}"
+            )
         if task.format == EditFormat.PASSAGE:
             raise InvalidArgument("format", "must be implications, rewrite or self_qa")
         validate_lora(task.lora)
@@ -50,10 +77,75 @@ class TeacherEngine:
                 task.sampling,
                 task.job_id,
                 task.doc_index,
+                policy_version=task.policy_version,
+                limits=self.limits,
             )
         if task.passage_control:
             edits.append(passage_control(task.passage, task.lora, task.job_id, task.doc_index))
         return edits
+
+    def train_policy(self, task: PolicyTask) -> PolicyVersion:
+        """The M-step: fine-tune the policy on the task's examples, store it, and return its lineage.
+
+        The generator keeps serving every version it had (the new one is loaded on first use); only
+        the local transformers backend holds weights it can train.
+        """
+        if not isinstance(self.generator, TransformersGenerator) or self.policies is None:
+            raise FailedPrecondition(
+                f"this teacher's backend ({type(self.generator).__name__}) cannot train a policy; "
+                "run a teacher with --backend transformers for policy-training jobs"
+            )
+        if task.teacher_model and task.teacher_model != self.model:
+            raise InvalidArgument(
+                "teacher_model", f"this teacher serves {self.model!r}, not {task.teacher_model!r}"
+            )
+        parent_dir = self.policies.get(task.parent) if task.parent else None  # NotFound names it
+        with self.lock:
+            generator = self.generator
+            generator.release_policies()  # training needs the bare base; versions reload on demand
+            peft_model, stats = train_policy(
+                generator.model,
+                generator.tokenizer,
+                task.examples,
+                task.settings,
+                parent_dir=parent_dir,
+                use_chat_template=generator.use_chat_template,
+            )
+            try:
+                lineage = PolicyVersion(
+                    round=task.round,
+                    parent=task.parent,
+                    base_model=self.model,
+                    base_fingerprint=self.fingerprint,
+                    settings=task.settings,
+                    training_data_sha256=policy_training_data_sha256(task.examples),
+                    examples=len(task.examples),
+                    final_loss=stats.final_loss,
+                    train_seconds=stats.seconds,
+                    job_id=task.job_id,
+                    evidence=tuple(e for example in task.examples for e in example.evidence),
+                    created_at=time.time(),
+                    round_mean_reward=task.round_mean_reward,
+                    teacher_id=self.teacher_id,
+                )
+                return self.policies.save(peft_model, lineage)
+            finally:
+                release_policy(peft_model)
+
+
+def policy_handler(engine: TeacherEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def handle(payload: dict[str, Any]) -> dict[str, Any]:
+        return encode(PolicyResult(policy=engine.train_policy(decode(PolicyTask, payload))))
+
+    return handle
+
+
+def policy_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
+    """Tell the gateway the round's policy is trained (it starts the next round)."""
+    task = decode(PolicyTask, payload)
+    policy = decode(PolicyResult, result).policy
+    event = Event(job_id=task.job_id, policy_trained=PolicyTrained(round=task.round, policy=policy))
+    return [Task("events", f"policy/{task.job_id}/{task.round}", encode(event))]
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
@@ -79,47 +171,67 @@ def propose_handler(engine: TeacherEngine) -> Callable[[dict[str, Any]], dict[st
 
 
 def propose_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
-    """A "proposed" event for the gateway, then one apply task per self-edit."""
+    """A "proposed" event for the gateway, then one apply task per self-edit and training run."""
     task = decode(ProposeTask, payload)
     edits = decode(ProposeResult, result).self_edits
     event = Event(job_id=task.job_id, proposed=Proposed(doc_index=task.doc_index, self_edits=edits))
     # The event first: the gateway must know each self-edit before a verdict names it.
     tasks = [Task("events", f"proposed/{task.job_id}/{task.doc_index}", encode(event))]
-    return tasks + [Task("apply", se.id, encode(ApplyTask(self_edit=se))) for se in edits]
+    runs = range(max(task.seeds, 1))
+    return tasks + [
+        Task("apply", run_task_id(se.id, run), encode(ApplyTask(self_edit=se, run=run)))
+        for se in edits
+        for run in runs
+    ]
 
 
-def build_generator(config: ServiceConfig) -> Generator:
+def build_generator(config: ServiceConfig, policies: PolicyStore | None = None) -> tuple[Generator, str]:
+    """The configured backend and the fingerprint of its base ("" for a remote model)."""
     if config.backend == "openai":
         if not config.openai_base_url or not config.openai_model:
             raise ValueError("backend openai needs --openai-base-url and --openai-model")
-        return BACKENDS["openai"](
+        generator = BACKENDS["openai"](
             base_url=config.openai_base_url, model=config.openai_model, api_key=config.openai_api_key
         )
+        return generator, ""
     if config.backend == "vllm":
         from seal.models import resolve_model
 
-        return BACKENDS["vllm"](str(resolve_model(config.model)))
+        return BACKENDS["vllm"](str(resolve_model(config.model)), policies=policies), ""
     if config.backend != "transformers":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
     model, tokenizer, _, fingerprint = load_base_model(config)
-    return BACKENDS["transformers"](
-        model, tokenizer, device=config.device, name=f"{config.model}@{fingerprint[:12]}"
+    generator = TransformersGenerator(
+        model, tokenizer, device=config.device, name=f"{config.model}@{fingerprint[:12]}", policies=policies
     )
+    return generator, fingerprint
 
 
 def serve(config: ServiceConfig) -> ServiceProcess:
     """Composition root: build the teacher from config and start serving (returns once started)."""
     tls = tls_files(config)  # first: a bad TLS setting fails before the model loads
-    engine = TeacherEngine(build_generator(config), config.limits())
+    policies = PolicyStore(Path(config.data_dir) / "policies")
+    generator, fingerprint = build_generator(config, policies)
+    engine = TeacherEngine(
+        generator,
+        config.limits(),
+        model=config.model,
+        policies=policies,
+        teacher_id=student_id_for(config.data_dir),
+        fingerprint=fingerprint,
+    )
     plane = connect_plane(config)
-    worker = make_worker(config, plane, "propose", propose_handler(engine), propose_followups)
+    workers = [
+        make_worker(config, plane, "propose", propose_handler(engine), propose_followups),
+        make_worker(config, plane, "policy", policy_handler(engine), policy_followups),
+    ]
 
     def register(server: grpc.Server) -> list[str]:
         teacher_pb2_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
         return [teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name]
 
     process = ServiceProcess(
-        "teacher", config.listen, register, [worker], metrics_listen=config.metrics_listen, tls=tls
+        "teacher", config.listen, register, workers, metrics_listen=config.metrics_listen, tls=tls
     )
     process.start()
     return process

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from auditor.grading import grade_answer
-from auditor.service import AuditorEngine, audit_followups, run_id
+from auditor.service import AuditorEngine, audit_followups
 from seal.records import (
     QA,
     AdapterRef,
@@ -23,6 +23,7 @@ from seal.records import (
 )
 from seal.signing import VerdictSigner
 from seal.tasks import decode, encode
+from seal.tasks import run_task_id as run_id
 from seal.validation import Limits
 
 _EDIT = SelfEdit(

@@ -128,7 +128,7 @@ def test_metric_invariants(a: str, b: str) -> None:
 
 @pytest.mark.parametrize("judged", [True, False])
 def test_the_judges_grade_is_recorded_and_counts_only_under_judge(judged: bool) -> None:
-    """"Paris" is contained in the response either way; only metric "judge" follows the judge."""
+    """ "Paris" is contained in the response either way; only metric "judge" follows the judge."""
     by_contains = grade_answer("q", "Paris", "It is Paris", "contains", judged_correct=judged)
     by_judge = grade_answer("q", "Paris", "It is Paris", "judge", judged_correct=judged)
     assert (by_contains.correct, by_contains.judged_correct) == (True, judged)

@@ -106,7 +106,12 @@ def _verdict(edit: SelfEdit, reward: float, baseline: float = 0.25, passed: bool
 def _result(doc_index: int, index: int, reward: float | None) -> EditResult:
     edit = _edit(doc_index, index)
     verdict = None if reward is None else _verdict(edit, reward)
-    return EditResult(self_edit=edit, adapter=_adapter(edit) if verdict else None, verdict=verdict)
+    return _er(edit, _adapter(edit) if verdict else None, verdict)
+
+
+def _er(edit: SelfEdit, adapter: AdapterRef | None = None, verdict: Verdict | None = None) -> EditResult:
+    """An edit with one training run, as gateway.core.edit_result assembles it (reward = its verdict's)."""
+    return EditResult(edit, adapter, verdict, reward=verdict.reward if verdict is not None else None)
 
 
 # --- expected_edits -----------------------------------------------------------------------------
@@ -189,12 +194,12 @@ def test_a_verdict_that_failed_its_guardrails_is_not_the_best():
     leaky = _edit(0, 0)
     clean = _edit(0, 1)
     edits = [
-        EditResult(
+        _er(
             leaky,
             _adapter(leaky),
             dataclasses.replace(_verdict(leaky, 0.75, passed=False), checks=("tau_leak:fail:q",)),
         ),
-        EditResult(clean, _adapter(clean), _verdict(clean, 0.25)),
+        _er(clean, _adapter(clean), _verdict(clean, 0.25)),
     ]
     assert best_self_edit(edits) == clean.id
 
@@ -220,11 +225,11 @@ def _running_job_results() -> list[EditResult]:
     e00, e01, e0c = _edit(0, 0), _edit(0, 1), _edit(0, -1)
     e11, e1c = _edit(1, 1), _edit(1, -1)
     return [
-        EditResult(e0c, _adapter(e0c), None),
-        EditResult(e01, _adapter(e01), _verdict(e01, 0.5, baseline=0.25)),
-        EditResult(e00, _adapter(e00), _verdict(e00, 0.25, baseline=0.25)),
-        EditResult(e11, None, None),
-        EditResult(e1c, _adapter(e1c), _verdict(e1c, 0.75, baseline=0.0)),
+        _er(e0c, _adapter(e0c), None),
+        _er(e01, _adapter(e01), _verdict(e01, 0.5, baseline=0.25)),
+        _er(e00, _adapter(e00), _verdict(e00, 0.25, baseline=0.25)),
+        _er(e11, None, None),
+        _er(e1c, _adapter(e1c), _verdict(e1c, 0.75, baseline=0.0)),
     ]
 
 
@@ -254,7 +259,7 @@ def test_assemble_a_running_job():
     doc0, doc1 = job.documents
     assert [e.self_edit.index for e in doc0.edits] == [0, 1, -1]
     assert [e.self_edit.index for e in doc1.edits] == [1, -1]
-    assert doc0.edits[0] == EditResult(_edit(0, 0), _adapter(_edit(0, 0)), _verdict(_edit(0, 0), 0.25))
+    assert doc0.edits[0] == _er(_edit(0, 0), _adapter(_edit(0, 0)), _verdict(_edit(0, 0), 0.25))
     assert doc0.edits[2].adapter is not None and doc0.edits[2].verdict is None
     assert doc1.edits[0].adapter is None and doc1.edits[0].verdict is None
     assert doc0.best_self_edit_id == _edit(0, 1).id
@@ -287,7 +292,7 @@ def test_adapter_or_verdict_without_its_self_edit_is_left_out():
 def test_control_only_verdict_gives_the_baseline_but_no_best():
     """The baseline is per document and comes from any verdict, even the control's."""
     e0c = _edit(0, -1)
-    results = [EditResult(e0c, _adapter(e0c), _verdict(e0c, 0.5, baseline=0.125)), EditResult(_edit(0, 0))]
+    results = [_er(e0c, _adapter(e0c), _verdict(e0c, 0.5, baseline=0.125)), _er(_edit(0, 0))]
     doc0 = assemble_job(*_stored(SPEC, {}, results)).documents[0]
     assert doc0.baseline_accuracy == 0.125
     assert doc0.best_self_edit_id == ""
@@ -460,14 +465,14 @@ def test_a_verdict_that_failed_only_forgetting_still_ranks():
     forgetful = _edit(0, 0)
     clean = _edit(0, 1)
     edits = [
-        EditResult(
+        _er(
             forgetful,
             _adapter(forgetful),
             dataclasses.replace(
                 _verdict(forgetful, 0.75, passed=False), checks=("tau_leak:pass", "forgetting:fail:x")
             ),
         ),
-        EditResult(clean, _adapter(clean), _verdict(clean, 0.25)),
+        _er(clean, _adapter(clean), _verdict(clean, 0.25)),
     ]
     assert best_self_edit(edits) == forgetful.id
     assert edits[0].verdict.failed_checks() == ("forgetting",)
