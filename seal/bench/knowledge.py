@@ -634,7 +634,7 @@ def recipe_from_args(args: argparse.Namespace) -> LoraSettings:
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
     sampling = replace(SamplingSettings(), max_new_tokens=args.max_new_tokens)
-    return Setup(args.model, args.teacher_model, sampling, args.samples)
+    return Setup(args.model, args.teacher_model, sampling, args.samples, answer_tokens=args.answer_tokens)
 
 
 def parse_policies(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -794,6 +794,7 @@ def _common_flags(p: argparse.ArgumentParser, default_out: str, default_passages
     p.add_argument(
         "--max-new-tokens", type=int, default=SamplingSettings().max_new_tokens, help="per self-edit"
     )
+    p.add_argument("--answer-tokens", type=int, default=48, help="new tokens per answer (the reference: 64)")
     p.add_argument("--device", default="cpu")
 
 

@@ -250,7 +250,7 @@ def test_training_split_excludes_the_evaluation_passages(data_dir: Path) -> None
 def test_seal_bench_knowledge_and_multi_doc(tmp_path: Path, data_dir: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "out"
     common = ["--model", str(tiny_model_dir), "--data", str(data_dir), "--out", str(out), "--passages", "2"]
-    tiny = ["--epochs", "1", "--rank", "2", "--max-new-tokens", "6"]
+    tiny = ["--epochs", "1", "--rank", "2", "--max-new-tokens", "6", "--answer-tokens", "4"]
     argv = ["bench", "knowledge", *common, *tiny, "--conditions", "none,gpt-4.1"]
     assert main([*argv, "--multi-doc", "2", "--multi-doc-edits", "2"]) == 0
     table = (out / "table.md").read_text()
@@ -269,7 +269,7 @@ def test_seal_bench_recipe_uses_training_passages_only(
 ) -> None:
     out = tmp_path / "out"
     argv = ["bench", "recipe", "--model", str(tiny_model_dir), "--data", str(data_dir), "--out", str(out)]
-    argv += ["--passages", "2", "--n", "2", "--max-new-tokens", "6", "--rank", "2"]
+    argv += ["--passages", "2", "--n", "2", "--max-new-tokens", "6", "--answer-tokens", "4", "--rank", "2"]
     assert main([*argv, "--conditions", "passage,all-e5-constant"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["passage"] for r in rows} <= {3, 4, 5} and len(rows) == 4
