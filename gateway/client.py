@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from seal import convert
-from seal.records import Job, JobSpec
+from seal.records import Job, JobSpec, PolicyVersion
 from seal.server import GRPC_OPTIONS
 from seal.tls import TlsFiles, channel
 from seal.v1 import gateway_pb2, gateway_pb2_grpc
@@ -41,6 +41,18 @@ class GatewayClient:
     def watch(self, job_id: str) -> Iterator[Job]:
         for reply in self.stub.WatchJob(gateway_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata):
             yield convert.from_pb(Job, reply)
+
+    def list_policies(self) -> list[PolicyVersion]:
+        reply = self.stub.ListPolicies(
+            gateway_pb2.ListPoliciesRequest(), timeout=self.timeout_s, metadata=self.metadata
+        )
+        return [convert.from_pb(PolicyVersion, p) for p in reply.policies]
+
+    def get_policy(self, version: str) -> PolicyVersion:
+        reply = self.stub.GetPolicy(
+            gateway_pb2.GetPolicyRequest(version=version), timeout=self.timeout_s, metadata=self.metadata
+        )
+        return convert.from_pb(PolicyVersion, reply)
 
     def close(self) -> None:
         self.channel.close()

@@ -50,7 +50,7 @@ class Conductor:
         try:
             task = policy_task(parent, this.round, round_job, this.policy_version)
         except InvalidArgument as exc:
-            self._fail(parent_id, f"round {this.round}: {exc.message}", parent.policy_version)
+            self._fail(parent_id, f"round {this.round}: {str(exc).split(': ', 1)[1]}", parent.policy_version)
             return
         self.store.record_round(parent_id, this.round, "selected", len(task.examples))
         if self.store.plane.enqueue(Task("policy", f"{parent_id}/{this.round}", encode(task))):

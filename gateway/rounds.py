@@ -131,7 +131,7 @@ def policy_task(parent: Job, round_number: int, round_job: Job, parent_version: 
     if not examples:
         raise InvalidArgument(
             "policy_training.reward_threshold",
-            f"round {round_number} selected no self-edit: none of its {len(round_job.documents)} contexts "
+            f"selected no self-edit: none of its {len(round_job.documents)} contexts "
             f"had a self-edit with mean reward above {training.reward_threshold}"
             + (
                 " and a worse one to pair it with"

@@ -37,7 +37,7 @@ from seal.tasks import encode
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("propose", "apply", "audit", "events", "dead")
+STREAMS = ("propose", "apply", "audit", "policy", "events", "dead")
 RESULT_TTL_S = 7 * 24 * 3600
 # Approximate caps (XADD MAXLEN ~). Task streams are never capped: trimming would drop work. Events
 # are deleted once folded, so the cap only bites on a backlog this deep; dead letters are kept for

@@ -48,7 +48,7 @@ FAULT_JOB = {
 NAMESPACE = "seal-faults"
 # Short timeouts: a killed worker's task is reclaimed 4 s after its last heartbeat.
 FAST = {kind: ["--visibility-timeout-s", "4"] for kind in SERVICE_KINDS}
-WORK_STREAMS = ("propose", "apply", "audit", "events")
+WORK_STREAMS = ("propose", "apply", "audit", "policy", "events")
 
 
 @pytest.fixture(scope="module")
