@@ -123,6 +123,12 @@ def watch_with_progress(client: Any, job_id: str) -> Any:
     for job in client.watch(job_id):
         p = job.progress
         totals = {"proposed": p.documents, "trained": p.self_edits, "audited": p.self_edits}
+        if p.rounds:
+            # A policy-training job: the stage bars follow the round under way.
+            totals = {"round": p.rounds, **totals}
+            if bars and "round" in bars and bars["round"].n != p.round:
+                for stage in ("proposed", "trained", "audited"):
+                    bars.pop(stage).close()
         for stage, total in totals.items():
             if stage not in bars:
                 bars[stage] = tqdm(total=total, desc=f"{stage:>8}", unit="", leave=True)
@@ -134,23 +140,59 @@ def watch_with_progress(client: Any, job_id: str) -> Any:
 
 
 def render_table(job: Any) -> str:
-    """Per passage: accuracy with no adaptation, after training on the passage alone, after the best self-edit."""
+    """Per passage: accuracy with no adaptation, after the passage alone, the mean over the sampled
+    self-edits, and the best self-edit (chosen on the same questions: an oracle, labelled so).
+    A policy-training job shows its rounds instead."""
     lines = []
     if job.error:
         lines.append(f"job {job.id} {job.state.value}: {job.error}")
-    header = f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'best self-edit':>15} {'reward':>7}  guardrails"
+    if job.spec.policy_training is not None:
+        return "\n".join(lines + render_rounds(job))
+    header = (
+        f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'self-edits, mean':>17} "
+        f"{'best (oracle)':>14} {'reward':>7}  guardrails of the best"
+    )
     lines += ["", header, "-" * len(header)]
     for doc in job.documents:
         control = next((e for e in doc.edits if e.self_edit.format.value == "passage" and e.verdict), None)
         best = next((e for e in doc.edits if e.self_edit.id == doc.best_self_edit_id), None)
+        sampled = [_adapted(e) for e in doc.edits if e.self_edit.index >= 0 and e.reward is not None]
         lines.append(
             f"{doc.title[:32]:<32} {_pct(doc.baseline_accuracy):>14} "
-            f"{_pct(control.verdict.adapted_accuracy if control else None):>13} "
-            f"{_pct(best.verdict.adapted_accuracy if best else None):>15} "
-            f"{(f'{best.verdict.reward:+.2f}' if best else '-'):>7}  {_guardrails(best)}"
+            f"{_pct(_adapted(control) if control else None):>13} "
+            f"{_pct(_mean(sampled) if sampled else None):>17} "
+            f"{_pct(_adapted(best) if best else None):>14} "
+            f"{(f'{best.reward:+.2f}' if best else '-'):>7}  {_guardrails(best)}"
         )
     lines += ["", *render_summary(job)]
     return "\n".join(lines)
+
+
+def _adapted(edit: Any) -> float:
+    """Adapted accuracy of a self-edit: the mean over its training runs (seeds)."""
+    return _mean([r.verdict.adapted_accuracy for r in edit.runs() if r.verdict is not None])
+
+
+def render_rounds(job: Any) -> list[str]:
+    """A policy-training job's rounds: who wrote the self-edits, progress, mean reward, what was learnt."""
+    p = job.progress
+    lines = [
+        "",
+        f"policy training: round {p.round} of {p.rounds}, {len(job.spec.documents)} contexts, "
+        f"N = {job.spec.n_self_edits}, seeds = {job.spec.seeds}, "
+        f"{job.spec.policy_training.selection} / {job.spec.policy_training.policy.objective}",
+    ]
+    header = f"{'round':>5} {'sampled with':<14} {'contexts':>9} {'mean reward':>12} {'selected':>9}  trained version"
+    lines += ["", header, "-" * len(header)]
+    for r in job.rounds:
+        trained = f"{r.trained.version[:12]} (loss {r.trained.final_loss:.3f})" if r.trained else "-"
+        lines.append(
+            f"{r.round:>5} {(r.policy_version[:12] or 'base'):<14} {f'{r.contexts_done}/{r.contexts}':>9} "
+            f"{(f'{r.mean_reward:+.3f}' if r.mean_reward is not None else '-'):>12} {r.selected:>9}  {trained}"
+        )
+    if job.policy_version:
+        lines += ["", f"latest policy version: {job.policy_version}"]
+    return lines
 
 
 def render_summary(job: Any) -> list[str]:

@@ -192,6 +192,22 @@ def recipe_conditions(base: LoraSettings, n: int) -> list[Condition]:
             "all-e10-linear", f"all {n} self-edits, 10 epochs, linear decay", "all", TEACHER, linear10, n=n
         ),
         Condition("one-long", "one self-edit, implications_long prompt", "one", TEACHER, base, long_format),
+        Condition(
+            "all-long-e10-linear",
+            f"all {n} implications_long self-edits, 10 epochs, linear decay",
+            "all",
+            TEACHER,
+            linear10,
+            long_format,
+            n=n,
+        ),
+        Condition(
+            "one-e10-reference-lora",
+            "one self-edit, 10 epochs, the reference's LoRA (r32, alpha 64, q and v only)",
+            "one",
+            TEACHER,
+            replace(linear10, rank=32, alpha=64.0, target_modules=("q_proj", "v_proj")),
+        ),
     ]
 
 

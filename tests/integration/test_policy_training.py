@@ -188,3 +188,14 @@ def test_a_failed_round_fails_the_job_and_says_which_policy_stays(client) -> Non
     assert done.state == JobState.FAILED
     assert "round 1: selected no self-edit" in done.error
     assert "the base policy stays serving" in done.error
+
+
+def test_seal_status_shows_the_rounds(finished) -> None:
+    from seal.cli import render_table
+
+    job, _ = finished
+    table = render_table(job)
+    assert "policy training: round 2 of 2, 2 contexts, N = 2, seeds = 2, best_of_n / sft" in table
+    for summary in job.rounds:
+        assert f"{summary.trained.version[:12]} (loss" in table
+    assert f"latest policy version: {job.policy_version}" in table

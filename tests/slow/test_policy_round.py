@@ -1,0 +1,103 @@
+"""One ReST-EM round on the real default model (SmolLM2-135M) through the four real services: the
+teacher samples, students train, the auditor scores, the teacher's policy is fine-tuned on the best
+self-edit of each context, and the new version then writes self-edits of its own.
+
+Slow (a few minutes on 2 cores), but part of `make test`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.api import parse_job_spec
+from gateway.client import GatewayClient
+from seal.models import DEFAULT_MODEL
+from seal.records import Job, JobState
+from seal.stack import LocalStack
+from tests.conftest import delete_namespace
+
+pytestmark = pytest.mark.slow
+
+CONTEXTS = [
+    {
+        "title": "The Quorvane Observatory",
+        "context": (
+            "The Quorvane Observatory was built in 1871 on Mount Pell. Its largest telescope, the Andrik "
+            "Refractor, has a lens of 91 centimetres. The observatory's first director was Mira Tolven."
+        ),
+        "questions": [
+            {"question": "On which mountain was the Quorvane Observatory built?", "answer": "Mount Pell"},
+            {"question": "Who was the first director of the Quorvane Observatory?", "answer": "Mira Tolven"},
+        ],
+    },
+    {
+        "title": "The Ombrin Ferry",
+        "context": (
+            "The Ombrin Ferry crosses Lake Sorrel between Vask and Tirrow. It was launched in 1923 and "
+            "carries up to 40 passengers. The crossing takes 35 minutes."
+        ),
+        "questions": [
+            {"question": "Which lake does the Ombrin Ferry cross?", "answer": "Lake Sorrel"},
+            {"question": "How long does the Ombrin Ferry crossing take?", "answer": "35 minutes"},
+        ],
+    },
+]
+ROUND = {
+    "documents": CONTEXTS,
+    "n_self_edits": 2,
+    "passage_control": False,
+    "lora": {"epochs": 3},
+    "sampling": {"max_new_tokens": 96},
+    # A threshold below every reward: the best of N is learnt even where nothing was gained, so the
+    # test does not hang on what 2 samples of a 135M teacher happen to teach.
+    "policy_training": {"rounds": 1, "reward_threshold": -1.0, "policy": {"epochs": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(
+        model=DEFAULT_MODEL,
+        data_dir=tmp_path_factory.mktemp("policy-round"),
+        redis_url=redis_url,
+        namespace=f"seal-slow-policy-{uuid.uuid4().hex[:8]}",
+    ) as running:
+        yield running
+    delete_namespace(redis_url, running.namespace)
+
+
+def _finished(client: GatewayClient, job_id: str, timeout_s: float = 900) -> Job:
+    deadline = time.monotonic() + timeout_s
+    while (job := client.get(job_id)).state not in (JobState.SUCCEEDED, JobState.FAILED):
+        assert time.monotonic() < deadline, f"job {job_id} still {job.state.value}: {job.progress}"
+        time.sleep(1)
+    return job
+
+
+def test_one_round_trains_a_policy_version_that_then_writes_self_edits(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    client = GatewayClient(
+        stack.addresses["gateway"], token=stack.operator_token, tls=stack.tls.get("client")
+    )
+    job = _finished(client, client.submit(parse_job_spec(ROUND)).id)
+    assert job.state == JobState.SUCCEEDED, job.error
+    (only,) = job.rounds
+    assert only.contexts_done == 2 and only.mean_reward is not None and only.selected == 2
+    version = only.trained
+    assert version is not None and job.policy_version == version.version
+    assert version.examples == 2 and version.final_loss > 0 and version.base_fingerprint
+    assert client.get_policy(version.version).training_data_sha256 == version.training_data_sha256
+
+    # The new version serves at once (no restart): it writes the self-edits of an ordinary job.
+    spec = parse_job_spec({**ROUND, "policy_training": None, "policy_version": version.version})
+    follow_up = _finished(client, client.submit(spec).id)
+    assert follow_up.state == JobState.SUCCEEDED, follow_up.error
+    edits = [e.self_edit for d in follow_up.documents for e in d.edits]
+    assert edits and all(e.policy_version == version.version for e in edits)
+    assert all(e.text.strip() for e in edits)
