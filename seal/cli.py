@@ -36,12 +36,15 @@ def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
 
     print(f"model: {args.model} (fetching and caching it on first use)", flush=True)
     resolve_model(args.model)  # once here, rather than three services at a time
+    if args.teacher_model:
+        resolve_model(args.teacher_model)
     redis_url = args.redis_url or os.environ.get("REDIS_URL") or os.environ.get("SEAL_REDIS_URL", "")
     print("starting redis (embedded unless REDIS_URL is set) and the four services…", flush=True)
     return LocalStack(
         gateway_listen=args.gateway_listen,
         http_listen=args.http_listen,
         model=args.model,
+        teacher_model=args.teacher_model,
         data_dir=Path(args.data_dir),
         redis_url=redis_url,
         threads=args.threads,
@@ -354,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default=DEFAULT_MODEL)
+        p.add_argument(
+            "--teacher-model",
+            default="",
+            help="the teacher's model, if not --model (the student's and auditor's)",
+        )
         p.add_argument("--data-dir", default=".seal")
         p.add_argument("--redis-url", default="", help="use this Redis instead of an embedded one")
         p.add_argument("--threads", type=int, default=0, help="torch threads per model service")

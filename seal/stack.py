@@ -89,6 +89,8 @@ class LocalStack:
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     tls_dir: Path | None = None
     """Turn on mTLS between everything: a local CA and per-service certificates here (made once, kept)."""
+    teacher_model: str = ""
+    """The teacher's model when it differs from the student's and auditor's (`model`)."""
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     addresses: dict[str, str] = field(default_factory=dict, init=False)
@@ -177,7 +179,7 @@ class LocalStack:
             "--namespace",
             self.namespace,
             "--model",
-            self.model,
+            (self.teacher_model or self.model) if kind == "teacher" else self.model,
             "--data-dir",
             str(self.data_dir / kind),
         ]

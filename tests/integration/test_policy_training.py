@@ -17,6 +17,7 @@ import pytest
 
 from gateway.api import parse_job_spec
 from gateway.client import GatewayClient
+from seal.models import build_tiny_model, model_fingerprint
 from seal.records import Job, JobState
 from seal.stack import SERVICE_KINDS, LocalStack, RestartPolicy
 from tests.conftest import delete_namespace
@@ -50,11 +51,18 @@ POLICY_JOB = {
 
 
 @pytest.fixture(scope="module")
+def teacher_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The teacher is another model than the student and auditor (another seed, another fingerprint)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=1)
+
+
+@pytest.fixture(scope="module")
 def stack(
-    tiny_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_dir: Path, teacher_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     with LocalStack(
         model=str(tiny_model_dir),
+        teacher_model=str(teacher_model_dir),
         data_dir=tmp_path_factory.mktemp("policy-stack"),
         redis_url=redis_url,
         namespace=f"seal-policy-{uuid.uuid4().hex[:8]}",
@@ -104,7 +112,9 @@ def finished(stack: LocalStack, client: GatewayClient) -> tuple[Job, list[Job]]:
     return done, [client.get(r.job_id) for r in done.rounds]
 
 
-def test_two_rounds_each_train_a_version_and_round_two_samples_with_round_ones(finished) -> None:
+def test_two_rounds_each_train_a_version_and_round_two_samples_with_round_ones(
+    finished, tiny_model_dir: Path, teacher_model_dir: Path
+) -> None:
     job, round_jobs = finished
     assert job.state == JobState.SUCCEEDED, job.error
     assert [r.round for r in job.rounds] == [1, 2]
@@ -124,11 +134,15 @@ def test_two_rounds_each_train_a_version_and_round_two_samples_with_round_ones(f
         assert len(edits) == 4
         for edit in edits:  # every self-edit records the policy version that wrote it
             assert edit.self_edit.policy_version == summary.policy_version
+            # Teacher and student are different models: each is named where it worked.
+            assert edit.self_edit.teacher_model.startswith(str(teacher_model_dir))
+            assert edit.adapter.base_model == str(tiny_model_dir)
             runs = edit.runs()
             assert [r.run for r in runs] == [0, 1] and all(r.verdict is not None for r in runs)
             assert runs[0].adapter.sha256 != runs[1].adapter.sha256  # another seed, another adapter
             assert edit.reward == pytest.approx(sum(r.verdict.reward for r in runs) / 2)
         assert summary.trained.round == number
+        assert summary.trained.base_fingerprint == model_fingerprint(teacher_model_dir)
         assert summary.trained.examples == 2
         assert len(summary.trained.evidence) == 4  # the 2 runs of each selected self-edit
         assert all("@" in e for e in summary.trained.evidence)
