@@ -207,11 +207,36 @@ def render_summary(job: Any) -> list[str]:
     failures = {
         name: sum(name in e.verdict.failed_checks() for e in edits) for name in ("tau_leak", "forgetting")
     }
-    return [
+    judged = _judge_agreement(job)
+    return judged + [
         f"per self-edit: generation {_mean(sampled):.1f} s, "
         f"training {_mean([e.adapter.train_seconds for e in edits]):.1f} s, "
         f"evaluation {_mean([e.verdict.eval_seconds for e in edits]):.1f} s (means over {len(edits)} adapters)",
         "guardrail failures: " + ", ".join(f"{name} {n}/{len(edits)}" for name, n in failures.items()),
+    ]
+
+
+def _judge_agreement(job: Any) -> list[str]:
+    """How the LLM judge agreed with the deterministic grade, when the auditor had a judge."""
+    from auditor.judge import agreement
+
+    scores = [
+        score
+        for doc in job.documents
+        for e in doc.edits
+        for r in e.runs()
+        if r.verdict is not None
+        for score in (*r.verdict.baseline_scores, *r.verdict.adapted_scores)
+    ]
+    stats = agreement(scores)
+    if stats["agreement"] is None:
+        return []
+    kappa = "undefined" if stats["kappa"] is None else f"{stats['kappa']:.2f}"
+    model = next(
+        (r.verdict.judge_model for d in job.documents for e in d.edits for r in e.runs() if r.verdict), ""
+    )
+    return [
+        f"judge {model} agrees with the deterministic grade on {100 * stats['agreement']:.0f}% of {stats['judged']} answers (Cohen's kappa {kappa})"
     ]
 
 
