@@ -10,7 +10,7 @@ then hand back the PEFT model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +97,22 @@ def release_adapter(peft_model: PeftModel) -> Any:
 
 def lora_config(model: Any, lora: LoraSettings) -> LoraConfig:
     """A LoRA config targeting the requested projections that this architecture actually has."""
+    return lora_config_for(model, lora.rank, lora.alpha, lora.target_modules)
+
+
+def lora_config_for(model: Any, rank: int, alpha: float, target_modules: Sequence[str]) -> LoraConfig:
+    """A LoRA config (no dropout, no bias) on those of `target_modules` this model has; the student's
+    inner loop and the teacher's policy share it."""
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = [name for name in lora.target_modules if name in present]
+    targets = [name for name in target_modules if name in present]
     if not targets:
         raise ValueError(
-            f"none of the LoRA target modules {list(lora.target_modules)} exist in this model; "
+            f"none of the LoRA target modules {list(target_modules)} exist in this model; "
             f"its linear layers are named {sorted(present)}"
         )
     return LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
+        r=rank,
+        lora_alpha=alpha,
         target_modules=targets,
         lora_dropout=0.0,
         bias="none",

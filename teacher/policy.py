@@ -32,7 +32,7 @@ from seal.models import render_prompt
 from seal.records import PolicyExample, PolicySettings
 from seal.v1 import types_pb2
 from student.sequences import IGNORE_INDEX, batches
-from student.training import causal_lm_loss
+from student.training import causal_lm_loss, lora_config_for
 
 # Every projection of a Llama-style block; the ones this architecture has are targeted.
 POLICY_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -117,20 +117,7 @@ def policy_training_data_sha256(examples: Sequence[PolicyExample]) -> str:
 
 
 def policy_lora_config(model: Any, settings: PolicySettings) -> LoraConfig:
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = [name for name in POLICY_TARGET_MODULES if name in present]
-    if not targets:
-        raise ValueError(
-            f"none of {list(POLICY_TARGET_MODULES)} exist in this model; its linears: {sorted(present)}"
-        )
-    return LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        target_modules=targets,
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return lora_config_for(model, settings.rank, settings.alpha, POLICY_TARGET_MODULES)
 
 
 def _wrap_policy(model: Any, settings: PolicySettings, parent_dir: Path | None) -> PeftModel:
