@@ -20,10 +20,10 @@ from seal.workplane import RESULT_TTL_S, WorkPlane
 REGISTRATION_TTL_S = 30
 
 
-def student_id_for(data_dir: Path) -> str:
-    """A student's stable id: its host and data directory, so a restart on another port keeps it."""
+def student_id_for(data_dir: Path, kind: str = "student") -> str:
+    """A service's stable id: its kind, host and data directory, so a restart on another port keeps it."""
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:10]
-    return f"student-{socket.gethostname()}-{digest}"
+    return f"{kind}-{socket.gethostname()}-{digest}"
 
 
 class StudentRegistry:

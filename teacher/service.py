@@ -217,7 +217,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         config.limits(),
         model=config.model,
         policies=policies,
-        teacher_id=student_id_for(config.data_dir),
+        teacher_id=student_id_for(config.data_dir, "teacher"),
         fingerprint=fingerprint,
     )
     plane = connect_plane(config)
