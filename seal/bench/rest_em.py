@@ -4,7 +4,8 @@ Builds a policy-training job from training passages (never the 200 evaluation pa
 split as `seal bench recipe`, after the passages the recipe study used), submits it to a local stack
 (or to `--gateway`), follows it round by round, and writes what the results table needs:
 <out>/job.json (the finished job) and <out>/policies.json (round -> policy version and the
-directory of its adapter, for `seal bench knowledge --policy roundN=DIR`).
+directory of its adapter, for `seal bench knowledge --policy roundN=DIR`), and <out>/roundN.json (each
+round's E-step job: every self-edit with its text and rewards).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def cmd_rest_em(args: argparse.Namespace) -> int:
             flush=True,
         )
         job = watch_with_progress(client, job.id)
+        for r in job.rounds:  # each round's E-step job: every self-edit with its text, runs and rewards
+            (out / f"round{r.round}.json").write_text(to_json(client.get(r.job_id)))
     finally:
         if stack is not None:
             stack.stop()
