@@ -71,6 +71,16 @@ class ServiceConfig:
     """Most self-edits per document (N)."""
     max_context_chars: int = 8000
     """Longest context accepted. Every service checks these limits; give all of them the same."""
+    max_rounds: int = 10
+    """Most rounds of a policy-training job."""
+    max_policy_contexts: int = 200
+    """Most training contexts of a policy-training job."""
+    max_seeds: int = 5
+    """Most training runs (seeds) per self-edit."""
+    max_directive_rank: int = 64
+    """Teacher: the largest LoRA rank a self-edit's own directives may ask for."""
+    max_directive_epochs: int = 20
+    """Teacher: the most epochs a self-edit's own directives may ask for."""
     # --- trust: verdict signing, authentication, transport security ------------------------------
     signing_key: str = ""
     """Auditor: its Ed25519 private key file (PEM); empty: <data_dir>/auditor-ed25519.key, made if missing."""
@@ -135,6 +145,11 @@ class ServiceConfig:
             max_documents=self.max_documents,
             max_self_edits=self.max_self_edits,
             max_context_chars=self.max_context_chars,
+            max_rounds=self.max_rounds,
+            max_policy_contexts=self.max_policy_contexts,
+            max_seeds=self.max_seeds,
+            max_directive_rank=self.max_directive_rank,
+            max_directive_epochs=self.max_directive_epochs,
         )
 
     def advertised(self, bound_port: int) -> str:
