@@ -144,6 +144,7 @@ class JobStore:
                 policy_version=spec.policy_version,
                 teacher_model=spec.teacher_model,
                 seeds=spec.seeds,
+                samples_per_edit=spec.samples_per_edit,
             )
             self.plane.enqueue(Task("propose", f"{job_id}/{doc_index}", encode(task)), pipeline=pipe)
 

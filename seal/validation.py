@@ -142,6 +142,7 @@ def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> N
             "edit_format", "must be implications, rewrite or self_qa (passage is the control)"
         )
     check_int_range("seeds", spec.seeds, 1, limits.max_seeds)
+    check_int_range("samples_per_edit", spec.samples_per_edit, 1, 8)
     validate_lora(spec.lora)
     validate_sampling(spec.sampling)
     if spec.parent_job_id:

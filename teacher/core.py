@@ -32,8 +32,12 @@ def propose_self_edits(
     doc_index: int,
     policy_version: str = "",
     limits: Limits | None = None,
+    samples_per_edit: int = 1,
 ) -> list[SelfEdit]:
     """Sample `n` self-edits of `passage` in one generate call, with `policy_version` ("" = base).
+
+    Each self-edit joins `samples_per_edit` samples (blank-line separated): one update on several
+    samples of a context teaches a small student more than one sample does (docs/RESULTS.md).
 
     A completion that parses to no lines is kept (the student then trains on the passage alone):
     the outer RL loop needs its low reward. Directives a completion writes set its own LoRA
@@ -46,12 +50,14 @@ def propose_self_edits(
     start = time.perf_counter()
     # The keyword only when a version is asked for, so a generator without policies still serves.
     extra = {"policy_version": policy_version} if policy_version else {}
-    (completions,) = generator.generate([prompt], sampling, n, **extra)
+    k = max(samples_per_edit, 1)
+    (samples,) = generator.generate([prompt], sampling, n * k, **extra)
     seconds_each = (time.perf_counter() - start) / n
-    if len(completions) != n:
+    if len(samples) != n * k:
         raise RuntimeError(
-            f"generator {generator.name!r} returned {len(completions)} completions, wanted {n}"
+            f"generator {generator.name!r} returned {len(samples)} completions, wanted {n * k}"
         )
+    completions = ["\n\n".join(samples[i * k : (i + 1) * k]) for i in range(n)]
     edits = []
     for index, text in enumerate(completions):
         directives = split_directives(text)[0]

@@ -79,6 +79,7 @@ class TeacherEngine:
                 task.doc_index,
                 policy_version=task.policy_version,
                 limits=self.limits,
+                samples_per_edit=max(task.samples_per_edit, 1),
             )
         if task.passage_control:
             edits.append(passage_control(task.passage, task.lora, task.job_id, task.doc_index))

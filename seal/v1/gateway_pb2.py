@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from seal.v1 import types_pb2 as seal_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/gateway.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\x15\n\x13ListPoliciesRequest\"@\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.seal.v1.PolicyVersion\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xae\x03\n\x07JobSpec\x12$\n\tdocuments\x18\x01 \x03(\x0b\x32\x11.seal.v1.Document\x12\x19\n\x0cn_self_edits\x18\x02 \x01(\rH\x00\x88\x01\x01\x12(\n\x0b\x65\x64it_format\x18\x03 \x01(\x0e\x32\x13.seal.v1.EditFormat\x12#\n\x04lora\x18\x04 \x01(\x0b\x32\x15.seal.v1.LoraSettings\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.seal.v1.SamplingSettings\x12\x1c\n\x0fpassage_control\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\x05seeds\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x15\n\rteacher_model\x18\t \x01(\t\x12\x16\n\x0epolicy_version\x18\n \x01(\t\x12\x30\n\x0fpolicy_training\x18\x0b \x01(\x0b\x32\x17.seal.v1.PolicyTraining\x12\x15\n\rparent_job_id\x18\x0c \x01(\tB\x0f\n\r_n_self_editsB\x12\n\x10_passage_controlB\x08\n\x06_seeds\"\xeb\x01\n\x0ePolicyTraining\x12\x13\n\x06rounds\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tselection\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x1d\n\x10reward_threshold\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\'\n\x06policy\x18\x04 \x01(\x0b\x32\x17.seal.v1.PolicySettings\x12\x1f\n\x12\x63ontinue_from_last\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\t\n\x07_roundsB\x0c\n\n_selectionB\x13\n\x11_reward_thresholdB\x15\n\x13_continue_from_last\"\xd2\x01\n\x0bRoundResult\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x10\n\x08\x63ontexts\x18\x04 \x01(\r\x12\x15\n\rcontexts_done\x18\x05 \x01(\r\x12\x18\n\x0bmean_reward\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x07trained\x18\x07 \x01(\x0b\x32\x16.seal.v1.PolicyVersion\x12\x10\n\x08selected\x18\x08 \x01(\rB\x0e\n\x0c_mean_reward\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xd4\x01\n\nEditResult\x12$\n\tself_edit\x18\x01 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12!\n\x07verdict\x18\x03 \x01(\x0b\x32\x10.seal.v1.Verdict\x12#\n\tmore_runs\x18\x04 \x03(\x0b\x32\x10.seal.v1.SeedRun\x12\x13\n\x06reward\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nreward_std\x18\x06 \x01(\x01\x42\t\n\x07_reward\"_\n\x07SeedRun\x12\x0b\n\x03run\x18\x01 \x01(\r\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12!\n\x07verdict\x18\x03 \x01(\x0b\x32\x10.seal.v1.Verdict\"\xa7\x01\n\x0e\x44ocumentResult\x12\x11\n\tdoc_index\x18\x01 \x01(\r\x12\r\n\x05title\x18\x02 \x01(\t\x12\x1e\n\x11\x62\x61seline_accuracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x13.seal.v1.EditResult\x12\x19\n\x11\x62\x65st_self_edit_id\x18\x05 \x01(\tB\x14\n\x12_baseline_accuracy\"\x84\x01\n\x08Progress\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x10\n\x08proposed\x18\x02 \x01(\r\x12\x12\n\nself_edits\x18\x03 \x01(\r\x12\x0f\n\x07trained\x18\x04 \x01(\r\x12\x0f\n\x07\x61udited\x18\x05 \x01(\r\x12\r\n\x05round\x18\x06 \x01(\r\x12\x0e\n\x06rounds\x18\x07 \x01(\r\"\x9a\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.seal.v1.JobState\x12\x1e\n\x04spec\x18\x03 \x01(\x0b\x32\x10.seal.v1.JobSpec\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12#\n\x08progress\x18\x07 \x01(\x0b\x32\x11.seal.v1.Progress\x12*\n\tdocuments\x18\x08 \x03(\x0b\x32\x17.seal.v1.DocumentResult\x12$\n\x06rounds\x18\t \x03(\x0b\x32\x14.seal.v1.RoundResult\x12\x16\n\x0epolicy_version\x18\n \x01(\t*\x81\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\xa7\x02\n\x07Gateway\x12+\n\tSubmitJob\x12\x10.seal.v1.JobSpec\x1a\x0c.seal.v1.Job\x12.\n\x06GetJob\x12\x16.seal.v1.GetJobRequest\x1a\x0c.seal.v1.Job\x12\x32\n\x08WatchJob\x12\x16.seal.v1.GetJobRequest\x1a\x0c.seal.v1.Job0\x01\x12K\n\x0cListPolicies\x12\x1c.seal.v1.ListPoliciesRequest\x1a\x1d.seal.v1.ListPoliciesResponse\x12>\n\tGetPolicy\x12\x19.seal.v1.GetPolicyRequest\x1a\x16.seal.v1.PolicyVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/gateway.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\x15\n\x13ListPoliciesRequest\"@\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.seal.v1.PolicyVersion\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xe2\x03\n\x07JobSpec\x12$\n\tdocuments\x18\x01 \x03(\x0b\x32\x11.seal.v1.Document\x12\x19\n\x0cn_self_edits\x18\x02 \x01(\rH\x00\x88\x01\x01\x12(\n\x0b\x65\x64it_format\x18\x03 \x01(\x0e\x32\x13.seal.v1.EditFormat\x12#\n\x04lora\x18\x04 \x01(\x0b\x32\x15.seal.v1.LoraSettings\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.seal.v1.SamplingSettings\x12\x1c\n\x0fpassage_control\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\x05seeds\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x15\n\rteacher_model\x18\t \x01(\t\x12\x16\n\x0epolicy_version\x18\n \x01(\t\x12\x30\n\x0fpolicy_training\x18\x0b \x01(\x0b\x32\x17.seal.v1.PolicyTraining\x12\x15\n\rparent_job_id\x18\x0c \x01(\t\x12\x1d\n\x10samples_per_edit\x18\r \x01(\rH\x03\x88\x01\x01\x42\x0f\n\r_n_self_editsB\x12\n\x10_passage_controlB\x08\n\x06_seedsB\x13\n\x11_samples_per_edit\"\xeb\x01\n\x0ePolicyTraining\x12\x13\n\x06rounds\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tselection\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x1d\n\x10reward_threshold\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\'\n\x06policy\x18\x04 \x01(\x0b\x32\x17.seal.v1.PolicySettings\x12\x1f\n\x12\x63ontinue_from_last\x18\x05 \x01(\x08H\x03\x88\x01\x01\x42\t\n\x07_roundsB\x0c\n\n_selectionB\x13\n\x11_reward_thresholdB\x15\n\x13_continue_from_last\"\xd2\x01\n\x0bRoundResult\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x10\n\x08\x63ontexts\x18\x04 \x01(\r\x12\x15\n\rcontexts_done\x18\x05 \x01(\r\x12\x18\n\x0bmean_reward\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x07trained\x18\x07 \x01(\x0b\x32\x16.seal.v1.PolicyVersion\x12\x10\n\x08selected\x18\x08 \x01(\rB\x0e\n\x0c_mean_reward\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xd4\x01\n\nEditResult\x12$\n\tself_edit\x18\x01 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12!\n\x07verdict\x18\x03 \x01(\x0b\x32\x10.seal.v1.Verdict\x12#\n\tmore_runs\x18\x04 \x03(\x0b\x32\x10.seal.v1.SeedRun\x12\x13\n\x06reward\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nreward_std\x18\x06 \x01(\x01\x42\t\n\x07_reward\"_\n\x07SeedRun\x12\x0b\n\x03run\x18\x01 \x01(\r\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12!\n\x07verdict\x18\x03 \x01(\x0b\x32\x10.seal.v1.Verdict\"\xa7\x01\n\x0e\x44ocumentResult\x12\x11\n\tdoc_index\x18\x01 \x01(\r\x12\r\n\x05title\x18\x02 \x01(\t\x12\x1e\n\x11\x62\x61seline_accuracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x13.seal.v1.EditResult\x12\x19\n\x11\x62\x65st_self_edit_id\x18\x05 \x01(\tB\x14\n\x12_baseline_accuracy\"\x84\x01\n\x08Progress\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x10\n\x08proposed\x18\x02 \x01(\r\x12\x12\n\nself_edits\x18\x03 \x01(\r\x12\x0f\n\x07trained\x18\x04 \x01(\r\x12\x0f\n\x07\x61udited\x18\x05 \x01(\r\x12\r\n\x05round\x18\x06 \x01(\r\x12\x0e\n\x06rounds\x18\x07 \x01(\r\"\x9a\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.seal.v1.JobState\x12\x1e\n\x04spec\x18\x03 \x01(\x0b\x32\x10.seal.v1.JobSpec\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12#\n\x08progress\x18\x07 \x01(\x0b\x32\x11.seal.v1.Progress\x12*\n\tdocuments\x18\x08 \x03(\x0b\x32\x17.seal.v1.DocumentResult\x12$\n\x06rounds\x18\t \x03(\x0b\x32\x14.seal.v1.RoundResult\x12\x16\n\x0epolicy_version\x18\n \x01(\t*\x81\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\xa7\x02\n\x07Gateway\x12+\n\tSubmitJob\x12\x10.seal.v1.JobSpec\x1a\x0c.seal.v1.Job\x12.\n\x06GetJob\x12\x16.seal.v1.GetJobRequest\x1a\x0c.seal.v1.Job\x12\x32\n\x08WatchJob\x12\x16.seal.v1.GetJobRequest\x1a\x0c.seal.v1.Job0\x01\x12K\n\x0cListPolicies\x12\x1c.seal.v1.ListPoliciesRequest\x1a\x1d.seal.v1.ListPoliciesResponse\x12>\n\tGetPolicy\x12\x19.seal.v1.GetPolicyRequest\x1a\x16.seal.v1.PolicyVersionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seal.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2001
-  _globals['_JOBSTATE']._serialized_end=2130
+  _globals['_JOBSTATE']._serialized_start=2053
+  _globals['_JOBSTATE']._serialized_end=2182
   _globals['_LISTPOLICIESREQUEST']._serialized_start=55
   _globals['_LISTPOLICIESREQUEST']._serialized_end=76
   _globals['_LISTPOLICIESRESPONSE']._serialized_start=78
@@ -41,23 +41,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPOLICYREQUEST']._serialized_start=144
   _globals['_GETPOLICYREQUEST']._serialized_end=179
   _globals['_JOBSPEC']._serialized_start=182
-  _globals['_JOBSPEC']._serialized_end=612
-  _globals['_POLICYTRAINING']._serialized_start=615
-  _globals['_POLICYTRAINING']._serialized_end=850
-  _globals['_ROUNDRESULT']._serialized_start=853
-  _globals['_ROUNDRESULT']._serialized_end=1063
-  _globals['_GETJOBREQUEST']._serialized_start=1065
-  _globals['_GETJOBREQUEST']._serialized_end=1096
-  _globals['_EDITRESULT']._serialized_start=1099
-  _globals['_EDITRESULT']._serialized_end=1311
-  _globals['_SEEDRUN']._serialized_start=1313
-  _globals['_SEEDRUN']._serialized_end=1408
-  _globals['_DOCUMENTRESULT']._serialized_start=1411
-  _globals['_DOCUMENTRESULT']._serialized_end=1578
-  _globals['_PROGRESS']._serialized_start=1581
-  _globals['_PROGRESS']._serialized_end=1713
-  _globals['_JOB']._serialized_start=1716
-  _globals['_JOB']._serialized_end=1998
-  _globals['_GATEWAY']._serialized_start=2133
-  _globals['_GATEWAY']._serialized_end=2428
+  _globals['_JOBSPEC']._serialized_end=664
+  _globals['_POLICYTRAINING']._serialized_start=667
+  _globals['_POLICYTRAINING']._serialized_end=902
+  _globals['_ROUNDRESULT']._serialized_start=905
+  _globals['_ROUNDRESULT']._serialized_end=1115
+  _globals['_GETJOBREQUEST']._serialized_start=1117
+  _globals['_GETJOBREQUEST']._serialized_end=1148
+  _globals['_EDITRESULT']._serialized_start=1151
+  _globals['_EDITRESULT']._serialized_end=1363
+  _globals['_SEEDRUN']._serialized_start=1365
+  _globals['_SEEDRUN']._serialized_end=1460
+  _globals['_DOCUMENTRESULT']._serialized_start=1463
+  _globals['_DOCUMENTRESULT']._serialized_end=1630
+  _globals['_PROGRESS']._serialized_start=1633
+  _globals['_PROGRESS']._serialized_end=1765
+  _globals['_JOB']._serialized_start=1768
+  _globals['_JOB']._serialized_end=2050
+  _globals['_GATEWAY']._serialized_start=2185
+  _globals['_GATEWAY']._serialized_end=2480
 # @@protoc_insertion_point(module_scope)

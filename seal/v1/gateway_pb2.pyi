@@ -113,6 +113,7 @@ class JobSpec(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     POLICY_TRAINING_FIELD_NUMBER: _builtins.int
     PARENT_JOB_ID_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_EDIT_FIELD_NUMBER: _builtins.int
     n_self_edits: _builtins.int
     """Self-edits per document (N)."""
     edit_format: _types_pb2.EditFormat.ValueType
@@ -128,6 +129,10 @@ class JobSpec(_message.Message):
     """The teacher policy version that writes the self-edits; empty for the base policy."""
     parent_job_id: _builtins.str
     """The policy-training job this job is a round of (set by the gateway, never by a client)."""
+    samples_per_edit: _builtins.int
+    """Teacher samples joined into each self-edit (one update trains on all of them). Default 3: the
+    recipe study (docs/RESULTS.md) found one update on several samples teaches most.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Document]: ...
     @_builtins.property
@@ -153,21 +158,26 @@ class JobSpec(_message.Message):
         policy_version: _builtins.str = ...,
         policy_training: Global___PolicyTraining | None = ...,
         parent_job_id: _builtins.str = ...,
+        samples_per_edit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "_seeds", b"_seeds", "lora", b"lora", "n_self_edits", b"n_self_edits", "passage_control", b"passage_control", "policy_training", b"policy_training", "sampling", b"sampling", "seeds", b"seeds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "_samples_per_edit", b"_samples_per_edit", "_seeds", b"_seeds", "lora", b"lora", "n_self_edits", b"n_self_edits", "passage_control", b"passage_control", "policy_training", b"policy_training", "samples_per_edit", b"samples_per_edit", "sampling", b"sampling", "seeds", b"seeds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "_seeds", b"_seeds", "documents", b"documents", "edit_format", b"edit_format", "lora", b"lora", "model", b"model", "n_self_edits", b"n_self_edits", "parent_job_id", b"parent_job_id", "passage_control", b"passage_control", "policy_training", b"policy_training", "policy_version", b"policy_version", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits", "_passage_control", b"_passage_control", "_samples_per_edit", b"_samples_per_edit", "_seeds", b"_seeds", "documents", b"documents", "edit_format", b"edit_format", "lora", b"lora", "model", b"model", "n_self_edits", b"n_self_edits", "parent_job_id", b"parent_job_id", "passage_control", b"passage_control", "policy_training", b"policy_training", "policy_version", b"policy_version", "samples_per_edit", b"samples_per_edit", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__n_self_edits: _TypeAlias = _typing.Literal["n_self_edits"]  # noqa: Y015
     _WhichOneofArgType__n_self_edits: _TypeAlias = _typing.Literal["_n_self_edits", b"_n_self_edits"]  # noqa: Y015
     _WhichOneofReturnType__passage_control: _TypeAlias = _typing.Literal["passage_control"]  # noqa: Y015
     _WhichOneofArgType__passage_control: _TypeAlias = _typing.Literal["_passage_control", b"_passage_control"]  # noqa: Y015
+    _WhichOneofReturnType__samples_per_edit: _TypeAlias = _typing.Literal["samples_per_edit"]  # noqa: Y015
+    _WhichOneofArgType__samples_per_edit: _TypeAlias = _typing.Literal["_samples_per_edit", b"_samples_per_edit"]  # noqa: Y015
     _WhichOneofReturnType__seeds: _TypeAlias = _typing.Literal["seeds"]  # noqa: Y015
     _WhichOneofArgType__seeds: _TypeAlias = _typing.Literal["_seeds", b"_seeds"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__n_self_edits) -> _WhichOneofReturnType__n_self_edits | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__passage_control) -> _WhichOneofReturnType__passage_control | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__samples_per_edit) -> _WhichOneofReturnType__samples_per_edit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seeds) -> _WhichOneofReturnType__seeds | None: ...
 

@@ -41,6 +41,7 @@ class ProposeTask(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     TEACHER_MODEL_FIELD_NUMBER: _builtins.int
     SEEDS_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_EDIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     format: _types_pb2.EditFormat.ValueType
@@ -53,6 +54,8 @@ class ProposeTask(_message.Message):
     """The teacher model the job names ("" for the deployment's)."""
     seeds: _builtins.int
     """Training runs (seeds) per self-edit: apply tasks for runs 0..seeds-1."""
+    samples_per_edit: _builtins.int
+    """Samples joined into each self-edit (0 is read as 1)."""
     @_builtins.property
     def passage(self) -> _types_pb2.Passage: ...
     @_builtins.property
@@ -73,10 +76,11 @@ class ProposeTask(_message.Message):
         policy_version: _builtins.str = ...,
         teacher_model: _builtins.str = ...,
         seeds: _builtins.int = ...,
+        samples_per_edit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "passage", b"passage", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "passage_control", b"passage_control", "policy_version", b"policy_version", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "passage_control", b"passage_control", "policy_version", b"policy_version", "samples_per_edit", b"samples_per_edit", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,7 +156,7 @@ def test_a_changed_recipe_changes_the_digest_but_not_no_adaptation() -> None:
     setup = Setup("student", "teacher")
     for data in ("passage", "one"):
         cond = Condition("c", "c", data, "qwen2.5-7b" if data == "one" else "")
-        changed = replace(cond, lora=replace(cond.lora, epochs=10))
+        changed = replace(cond, lora=replace(cond.lora, epochs=3))
         assert plan_of(cond, setup).digest != plan_of(changed, setup).digest
     none = Condition("none", "none", "none")
     assert plan_of(none, setup).digest == plan_of(replace(none, lora=TINY_LORA), setup).digest

@@ -156,3 +156,14 @@ def test_propose_applies_a_self_edits_directives_and_records_them():
     assert good.lines == ("The council meets.",)
     assert refused.lora == LORA and refused.directive_error.startswith("directive epochs must be in")
     assert good.policy_version == refused.policy_version == "ab" * 32
+
+
+def test_each_self_edit_joins_its_samples_in_one_generate_call():
+    generator = ScriptedGenerator(["1. Alpha.", "2. Beta.", "3. Gamma.", "4. Delta."])
+    edits = propose_self_edits(
+        generator, PASSAGE, EditFormat.IMPLICATIONS, 2, LORA, SAMPLING, "j", 0, samples_per_edit=2
+    )
+    assert [call[2] for call in generator.calls] == [4]  # n × samples_per_edit, one call
+    assert [e.text for e in edits] == ["1. Alpha.\n\n2. Beta.", "3. Gamma.\n\n4. Delta."]
+    assert [e.lines for e in edits] == [("Alpha.", "Beta."), ("Gamma.", "Delta.")]
+    assert [e.id for e in edits] == ["j/0/0", "j/0/1"]
