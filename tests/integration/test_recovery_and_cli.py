@@ -119,7 +119,11 @@ def test_seal_demo_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> Non
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "no adaptation" in result.stdout and "best self-edit" in result.stdout
+    assert (
+        "no adaptation" in result.stdout
+        and "self-edits, mean" in result.stdout
+        and "best (oracle)" in result.stdout
+    )
     assert "Delta" in result.stdout
     assert "peak resident memory: teacher" in result.stdout
     assert "guardrail failures: tau_leak 0/2, forgetting" in result.stdout
