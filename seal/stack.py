@@ -100,6 +100,7 @@ class LocalStack:
     operator_token: str = field(default="", init=False)
     """The gateway API's operator bearer token, made under the data dir (kept across restarts)."""
     tls: dict[str, TlsFiles] = field(default_factory=dict, init=False)
+    _taken: set[tuple[str, int]] = field(default_factory=set, init=False)
     """With tls_dir: each service's TLS files, and `client`'s for callers such as GatewayClient."""
     _redis: EmbeddedRedis | None = field(default=None, init=False)
     _tended: dict[str, _Tended] = field(default_factory=dict, init=False)
@@ -119,7 +120,7 @@ class LocalStack:
         self.metrics_addresses = {kind: self._free_address(kind, METRICS_PORT) for kind in SERVICE_KINDS}
         if self.gateway_listen:
             self.addresses["gateway"] = resolve_port(self.gateway_listen)
-        self.http_address = resolve_port(self.http_listen) if self.http_listen else f"127.0.0.1:{free_port()}"
+        self.http_address = resolve_port(self.http_listen) if self.http_listen else self._free_address("http")
         try:
             if not self.redis_url:
                 # Persistent: AOF and password under the data dir, so a restart of Redis loses nothing.
@@ -168,9 +169,15 @@ class LocalStack:
     def _free_address(self, kind: str, namespaced_port: int = SERVICE_PORT) -> str:
         host = self.hosts.get(kind, "127.0.0.1")
         try:
-            return f"{host}:{free_port(host)}"
+            port = free_port(host)
+            # A port probed free is released at once, so the kernel may hand it out again: never give
+            # two services of one stack the same one (a client would reach the wrong service).
+            while (host, port) in self._taken:
+                port = free_port(host)
         except OSError:  # not an address of this host (another network namespace): its ports are free
             return f"{host}:{namespaced_port}"
+        self._taken.add((host, port))
+        return f"{host}:{port}"
 
     def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
         flags = [
