@@ -89,7 +89,8 @@ class JobStore:
             self._create(pipe, job_id, spec, owner)
         else:
             self._create(pipe, job_id, spec, owner, state=JobState.RUNNING)
-            self._start_round(pipe, job_id, spec, owner, 1, "")
+            # Round 1 samples with the version the job names ("" = the base policy), and learns on from it.
+            self._start_round(pipe, job_id, spec, owner, 1, spec.policy_version)
         pipe.execute()
         return self.get(job_id)
 
