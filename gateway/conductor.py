@@ -35,9 +35,10 @@ class Conductor:
         if not parent_id or not self.store.exists(parent_id):
             return
         self.store.touch(parent_id)
-        round_job = self.store.get(round_job_id)
-        if round_job.state not in TERMINAL_STATES:
+        # Every event of a round lands here: read its state alone, and the whole job only at its end.
+        if self.store.state(round_job_id) not in TERMINAL_STATES:
             return
+        round_job = self.store.get(round_job_id)
         parent = self.store.get(parent_id)
         if parent.state in TERMINAL_STATES:
             return
@@ -50,7 +51,7 @@ class Conductor:
         try:
             task = policy_task(parent, this.round, round_job, this.policy_version)
         except InvalidArgument as exc:
-            self._fail(parent_id, f"round {this.round}: {str(exc).split(': ', 1)[1]}", parent.policy_version)
+            self._fail(parent_id, f"round {this.round}: {exc.message}", parent.policy_version)
             return
         self.store.record_round(parent_id, this.round, "selected", len(task.examples))
         if self.store.plane.enqueue(Task("policy", f"{parent_id}/{this.round}", encode(task))):

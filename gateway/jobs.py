@@ -158,6 +158,11 @@ class JobStore:
         raw = self.redis.get(self._k("job", job_id)) if _JOB_ID.fullmatch(job_id) else None
         return str(json.loads(raw)["spec"].get("parent_job_id", "")) if raw is not None else ""
 
+    def state(self, job_id: str) -> JobState:
+        """A job's state alone (one HGET), without assembling the job."""
+        raw = self.redis.hget(self._k("job", job_id, "state"), "state")
+        return JobState(raw.decode()) if raw is not None else JobState.QUEUED
+
     def touch(self, job_id: str) -> None:
         """Mark a job changed for its watchers (a policy job when one of its rounds moves)."""
         self.redis.hincrby(self._k("job", job_id, "state"), "changes", 1)

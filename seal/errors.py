@@ -18,6 +18,7 @@ class InvalidArgument(PermanentError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class NotFound(PermanentError, LookupError):
