@@ -96,6 +96,10 @@ class LoraSettings:
     schedule: str = "linear"
     # Clip gradients to this global norm (the reference: 1.0); 0 switches clipping off.
     max_grad_norm: float = 1.0
+    # Replay: general prompts answered by the base model itself, mixed into the update (0: none).
+    replay: int = 0
+    # Weight of a KL(base || adapted) penalty on general prompts added to the loss (0: none).
+    kl_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ def validate_lora(lora: LoraSettings, prefix: str = "lora") -> None:
     check_int_range(f"{prefix}.batch_size", lora.batch_size, 1, 256)
     check_int_range(f"{prefix}.max_seq_len", lora.max_seq_len, 16, 8192)
     check_int_range(f"{prefix}.seed", lora.seed, 0, 2**31 - 1)
+    check_int_range(f"{prefix}.replay", lora.replay, 0, 256)
+    check_range(f"{prefix}.kl_weight", lora.kl_weight, 0, 100)
     if lora.schedule not in SCHEDULES:
         raise InvalidArgument(
             f"{prefix}.schedule", f"must be one of {', '.join(SCHEDULES)}, got {lora.schedule!r}"

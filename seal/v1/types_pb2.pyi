@@ -138,6 +138,8 @@ class LoraSettings(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
+    KL_WEIGHT_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     alpha: _builtins.float
     learning_rate: _builtins.float
@@ -149,6 +151,12 @@ class LoraSettings(_message.Message):
     """"linear" (decay to 0 over the run, as the Hugging Face Trainer the reference uses) or "constant"."""
     max_grad_norm: _builtins.float
     """Gradient clipping by global norm; 0 switches it off. The reference clips at 1.0."""
+    replay: _builtins.int
+    """Replay: this many general prompts, each with the base model's own greedy answer, are mixed into
+    the update so it keeps what the base knew (0: none).
+    """
+    kl_weight: _builtins.float
+    """KL penalty: weight of KL(base || adapted) on general prompts added to the loss (0: none)."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -164,10 +172,12 @@ class LoraSettings(_message.Message):
         seed: _builtins.int | None = ...,
         schedule: _builtins.str | None = ...,
         max_grad_norm: _builtins.float | None = ...,
+        replay: _builtins.int | None = ...,
+        kl_weight: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "schedule", b"schedule", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_kl_weight", b"_kl_weight", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_replay", b"_replay", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "kl_weight", b"kl_weight", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "replay", b"replay", "schedule", b"schedule", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "schedule", b"schedule", "seed", b"seed", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_kl_weight", b"_kl_weight", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_replay", b"_replay", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "kl_weight", b"kl_weight", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "replay", b"replay", "schedule", b"schedule", "seed", b"seed", "target_modules", b"target_modules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -175,6 +185,8 @@ class LoraSettings(_message.Message):
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__kl_weight: _TypeAlias = _typing.Literal["kl_weight"]  # noqa: Y015
+    _WhichOneofArgType__kl_weight: _TypeAlias = _typing.Literal["_kl_weight", b"_kl_weight"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
@@ -183,6 +195,8 @@ class LoraSettings(_message.Message):
     _WhichOneofArgType__max_seq_len: _TypeAlias = _typing.Literal["_max_seq_len", b"_max_seq_len"]  # noqa: Y015
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    _WhichOneofReturnType__replay: _TypeAlias = _typing.Literal["replay"]  # noqa: Y015
+    _WhichOneofArgType__replay: _TypeAlias = _typing.Literal["_replay", b"_replay"]  # noqa: Y015
     _WhichOneofReturnType__schedule: _TypeAlias = _typing.Literal["schedule"]  # noqa: Y015
     _WhichOneofArgType__schedule: _TypeAlias = _typing.Literal["_schedule", b"_schedule"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
@@ -194,6 +208,8 @@ class LoraSettings(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kl_weight) -> _WhichOneofReturnType__kl_weight | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
@@ -201,6 +217,8 @@ class LoraSettings(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_seq_len) -> _WhichOneofReturnType__max_seq_len | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replay) -> _WhichOneofReturnType__replay | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__schedule) -> _WhichOneofReturnType__schedule | None: ...
     @_typing.overload
