@@ -62,6 +62,7 @@ ACTION_ROLES: dict[str, frozenset[Role]] = {
     # Policy versions are shared by every tenant: a submitter names one in a job.
     "list_policies": frozenset({Role.SUBMITTER, Role.OPERATOR}),
     "get_policy": frozenset({Role.SUBMITTER, Role.OPERATOR}),
+    "use_model": frozenset({Role.SUBMITTER, Role.OPERATOR}),  # the OpenAI-compatible serving API
 }
 GRPC_ACTIONS = {
     "/seal.v1.Gateway/SubmitJob": "submit_job",

@@ -8,6 +8,10 @@
   GET  /healthz                 200 {"status": "serving"}, or 503 {"status": "not_serving"} while
                                 Redis does not answer
   GET  /metrics                 Prometheus
+  GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
+                                OpenAI-compatible model serving, where the gateway serves models
+                                (gateway.serving.serving_routes, passed as build_app's extra_routes;
+                                its errors have OpenAI's shape)
 
 Every error is {"error": {"code", "message", "field"?}} with a 4xx/5xx status, including requests
 uvicorn refuses before the app sees them (a Content-Length of "abc"). Bounded: the body's size
@@ -24,7 +28,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -126,8 +130,10 @@ def build_app(
     authenticator: Authenticator,
     is_serving: Callable[[], bool] = lambda: True,
     limits: HttpLimits | None = None,
+    extra_routes: Sequence[Route] = (),
 ) -> Starlette:
-    """The gateway's ASGI app; `is_serving` says whether Redis answers (for /healthz)."""
+    """The gateway's ASGI app; `is_serving` says whether Redis answers (for /healthz); `extra_routes`
+    are served beside the gateway's own (the model-serving API of gateway.serving)."""
     limits = limits or HttpLimits()
 
     def caller(request: Request) -> Principal:
@@ -177,7 +183,11 @@ def build_app(
     async def route_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; the API is /v1/jobs, /v1/jobs/<id> and /v1/policies"
+            message = (
+                f"no route {request.method} {request.url.path}; the API is /v1/jobs, /v1/jobs/<id>, "
+                "/v1/policies and, where this gateway serves models, /v1/models, /v1/chat/completions "
+                "and /v1/completions"
+            )
         elif exc.status_code == 405:
             message = (
                 f"{request.url.path} does not take {request.method}; it takes {exc.headers.get('Allow', '')}"
@@ -197,6 +207,7 @@ def build_app(
         Route("/v1/policies/{version}", _json_errors(get_policy), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", _AsgiEndpoint(make_asgi_app()), methods=["GET"]),
+        *extra_routes,
     ]
 
     @contextlib.asynccontextmanager
