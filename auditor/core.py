@@ -8,6 +8,7 @@ It imports no protobuf.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def audit(
     base_fingerprint: str,
     job_id: str,
     baseline_scores: list[QuestionScore] | None = None,
+    signoff_baseline: list[QuestionScore] | None = None,
     metric: str = "contains",
     max_forgetting: float = 0.2,
     check_forgetting: bool = True,
@@ -79,6 +81,11 @@ def audit(
         )
     elif judge is not None:
         baseline_scores = judge_scores(judge, baseline_scores, metric)
+    signoff_doc = dataclasses.replace(doc, questions=doc.signoff_questions)
+    if doc.signoff_questions and signoff_baseline is None:
+        signoff_baseline = evaluate_document(
+            base_model, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
+        )
     if check_forgetting and anchor_before is None:
         anchor_before = anchor_accuracy(base_model, tokenizer, max_new_tokens, style=answer_style)
 
@@ -86,6 +93,14 @@ def audit(
     try:
         adapted_scores = evaluate_document(
             peft_model, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
+        )
+        # The sign-off questions: scored for the verdict that gates promotion, never for the reward.
+        signoff_scores = (
+            evaluate_document(
+                peft_model, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
+            )
+            if doc.signoff_questions
+            else []
         )
         anchor_after = (
             anchor_accuracy(peft_model, tokenizer, max_new_tokens, style=answer_style)
@@ -98,11 +113,15 @@ def audit(
     training_text = "\n".join((self_edit.text, *self_edit.lines))
     checks = run_guardrails(
         training_text,
-        doc.questions,
+        (*doc.questions, *doc.signoff_questions),
         anchor_before,
         anchor_after,
         max_forgetting,
     )
+    signoff_before = accuracy(signoff_baseline) if signoff_baseline else 0.0
+    signoff_after = accuracy(signoff_scores) if signoff_scores else 0.0
+    if doc.signoff_questions:
+        checks.append(signoff_check(signoff_before, signoff_after, len(doc.signoff_questions)))
     baseline_acc = accuracy(baseline_scores)
     adapted_acc = accuracy(adapted_scores)
     gain = reward(baseline_acc, adapted_acc)
@@ -125,7 +144,18 @@ def audit(
         teacher_model=self_edit.teacher_model,
         grading_metric=metric,
         judge_model=judge.model if judge is not None else "",
+        signoff_baseline_accuracy=signoff_before,
+        signoff_adapted_accuracy=signoff_after,
+        signoff_scores=tuple(signoff_scores),
     )
+
+
+def signoff_check(before: float, after: float, questions: int) -> CheckResult:
+    """Passes when the update answers more of the held-out sign-off questions than the base did."""
+    detail = (
+        f"sign-off accuracy {before:.3f} -> {after:.3f} on {questions} question(s) never used for selection"
+    )
+    return CheckResult("signoff", after > before, detail)
 
 
 def format_check(check: CheckResult) -> str:

@@ -3,6 +3,7 @@ and AuditAdapter RPC), and publishes its verdict-signing key (GetSigningKey)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from auditor.certify import RetentionProbe, certify
 from auditor.core import audit, check_grading_metric
 from auditor.evaluation import anchor_accuracy, evaluate_document
 from auditor.judge import Judge, LLMJudge, RedisJudgeCache, resolve_api_key
@@ -25,6 +27,10 @@ from seal.records import (
     Audited,
     AuditResult,
     AuditTask,
+    Certificate,
+    Certified,
+    CertifyResult,
+    CertifyTask,
     Document,
     Event,
     QuestionScore,
@@ -102,6 +108,13 @@ class AuditorEngine:
         )
         with self.lock:
             baseline = self._baseline(doc)
+            signoff = (
+                self._baseline(
+                    dataclasses.replace(doc, questions=doc.signoff_questions, signoff_questions=())
+                )
+                if doc.signoff_questions
+                else None
+            )
             if self._anchor_before is None:
                 self._anchor_before = anchor_accuracy(self.model, self.tokenizer, style=self.answer_style)
             verdict = audit(
@@ -114,6 +127,7 @@ class AuditorEngine:
                 self.base_fingerprint,
                 self_edit.job_id,
                 baseline_scores=baseline,
+                signoff_baseline=signoff,
                 metric=self.metric,
                 anchor_before=self._anchor_before,
                 judge=self.judge,
@@ -121,6 +135,46 @@ class AuditorEngine:
             )
             prune_adapters(self.adapters_root, self.retention)  # copies: the student keeps the original
         return self.signer.sign(verdict, ttl_s=self.verdict_ttl_s)
+
+    def certify(self, task: CertifyTask) -> Certificate:
+        """Build the deployment version of `task` (every layer fetched from a registered student and
+        verified), re-check it on every learned document and on retention, and sign the certificate."""
+        if task.base_fingerprint != self.base_fingerprint:
+            raise InvalidArgument(
+                "base_fingerprint",
+                f"the version is on base {task.base_fingerprint[:16]}…, this auditor serves {self.base_fingerprint[:16]}…",
+            )
+        dirs = [
+            fetch_registered(
+                StudentRegistry(self.plane),
+                layer,
+                self.adapters_root,
+                self.adapter_max_bytes,
+                self.adapter_max_files,
+                self.student_wait_s,
+                tls=self.tls,
+            )
+            for layer in task.layers
+        ]
+        with self.lock:
+            certificate = certify(
+                self.model,
+                self.tokenizer,
+                task.deployment,
+                task.version,
+                task.fingerprint,
+                self.base_fingerprint,
+                dirs,
+                [layer.sha256 for layer in task.layers],
+                task.documents,
+                metric=self.metric,
+                answer_style=self.answer_style,
+                retention=self._retention_probe(),
+            )
+        return self.signer.sign_certificate(certificate, ttl_s=self.verdict_ttl_s)
+
+    def _retention_probe(self) -> RetentionProbe | None:
+        return None
 
     def _baseline(self, doc: Document) -> list[QuestionScore]:
         judge_model = self.judge.model if self.judge is not None else ""
@@ -189,6 +243,20 @@ def audit_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Tas
     return [Task("events", f"verdict/{run_task_id(verdict.self_edit_id, task.run)}", encode(event))]
 
 
+def certify_handler(engine: AuditorEngine) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def handle(payload: dict[str, Any]) -> dict[str, Any]:
+        return encode(CertifyResult(certificate=engine.certify(decode(CertifyTask, payload))))
+
+    return handle
+
+
+def certify_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
+    certificate = decode(CertifyResult, result).certificate
+    assert certificate is not None  # handle() always stores one
+    event = Event(job_id=f"deployment:{certificate.deployment}", certified=Certified(certificate=certificate))
+    return [Task("events", f"certified/{certificate.deployment}/{certificate.version}", encode(event))]
+
+
 def build_judge(config: ServiceConfig, api_key: str, plane: WorkPlane) -> LLMJudge | None:
     """The configured LLM judge, its grades cached in Redis; None when no judge is configured."""
     if not config.judge_base_url:
@@ -225,13 +293,14 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         answer_style=config.answer_prompt,
     )
     worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
+    certifier = make_worker(config, plane, "certify", certify_handler(engine), certify_followups)
 
     def register(server: grpc.Server) -> list[str]:
         auditor_pb2_grpc.add_AuditorServicer_to_server(AuditorServicer(engine), server)
         return [auditor_pb2.DESCRIPTOR.services_by_name["Auditor"].full_name]
 
     process = ServiceProcess(
-        "auditor", config.listen, register, [worker], metrics_listen=config.metrics_listen, tls=tls
+        "auditor", config.listen, register, [worker, certifier], metrics_listen=config.metrics_listen, tls=tls
     )
     process.start()
     return process

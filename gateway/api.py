@@ -17,13 +17,29 @@ import redis
 
 from gateway.auth import ANONYMOUS, Principal, authorize
 from gateway.core import TERMINAL_STATES
+from gateway.deployments import DeploymentStore
 from gateway.jobs import JobPage, JobStore
 from seal import metrics
-from seal.errors import InvalidArgument, ResourceExhausted
-from seal.records import Job, JobSpec, PolicyVersion, RecordError, from_dict
+from seal.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from seal.records import (
+    Approval,
+    Deployment,
+    DeploymentVersion,
+    Job,
+    JobSpec,
+    KillSwitch,
+    PolicyVersion,
+    RecordError,
+    from_dict,
+)
 from seal.validation import Limits, validate_job_spec
 
 log = logging.getLogger(__name__)
+
+
+def actor_of(principal: Principal) -> str:
+    """Who an audit entry or an approval names: the token's subject ("anonymous" on an open API)."""
+    return principal.subject or "anonymous"
 
 
 class WatcherSlots:
@@ -90,15 +106,82 @@ class GatewayApi:
     watchers: WatcherSlots = field(default_factory=lambda: WatcherSlots(256))
     poll_s: float = 0.5
     """How often a watcher re-reads its job's revision."""
+    deployments: DeploymentStore | None = None
+    """The registry of served models (promotion, rollback, kill switch) and the audit log's writer."""
 
     def submit(self, spec: JobSpec, principal: Principal = ANONYMOUS) -> Job:
         authorize(principal, "submit_job")
         validate_job_spec(spec, self.limits, self.deployment_model)
+        self._check_kill_switch()
         if spec.policy_version:
             self.store.get_policy(spec.policy_version)  # NotFound names it before anything is enqueued
         job = self.store.create(spec, owner=principal.subject)
         metrics.job_submitted()
+        self._audit(
+            "submission",
+            principal,
+            f"job:{job.id}",
+            {"documents": [d.title for d in job.spec.documents], "n_self_edits": spec.n_self_edits},
+        )
         return job
+
+    def _check_kill_switch(self) -> None:
+        if self.deployments is not None:
+            switch = self.deployments.kill_switch()
+            if switch.on:
+                raise FailedPrecondition(
+                    f"kill_switch: adaptation is stopped ({switch.reason}, by {switch.actor or 'anonymous'}); "
+                    "an operator turns it off with `seal kill-switch off`"
+                )
+
+    def _audit(self, kind: str, principal: Principal, subject: str, body: dict[str, Any]) -> None:
+        if self.deployments is not None:
+            self.deployments.audit(kind, actor_of(principal), subject, body)
+
+    # --- deployments: promotion, approvals, rollback, kill switch ---------------------------------
+
+    def _registry(self) -> DeploymentStore:
+        if self.deployments is None:
+            raise FailedPrecondition("this gateway keeps no deployment registry")
+        return self.deployments
+
+    def promote(
+        self,
+        name: str,
+        job_id: str,
+        self_edit_id: str,
+        run: int = 0,
+        alias: str = "",
+        principal: Principal = ANONYMOUS,
+    ) -> DeploymentVersion:
+        authorize(principal, "promote")
+        return self._registry().promote(name, job_id, self_edit_id, run, alias, actor_of(principal))
+
+    def approve(
+        self, name: str, adapter_sha256: str, comment: str = "", principal: Principal = ANONYMOUS
+    ) -> Approval:
+        authorize(principal, "approve")
+        return self._registry().approve(name, adapter_sha256, actor_of(principal), comment)
+
+    def rollback(self, name: str, alias: str, version: int, principal: Principal = ANONYMOUS) -> Deployment:
+        authorize(principal, "rollback")
+        return self._registry().rollback(name, alias, version, actor_of(principal))
+
+    def list_deployments(self, principal: Principal = ANONYMOUS) -> list[Deployment]:
+        authorize(principal, "list_deployments")
+        return self._registry().list()
+
+    def get_deployment(self, name: str, principal: Principal = ANONYMOUS) -> Deployment:
+        authorize(principal, "get_deployment")
+        return self._registry().get(name)
+
+    def set_kill_switch(self, on: bool, reason: str, principal: Principal = ANONYMOUS) -> KillSwitch:
+        authorize(principal, "set_kill_switch")
+        return self._registry().set_kill_switch(on, reason, actor_of(principal))
+
+    def get_kill_switch(self, principal: Principal = ANONYMOUS) -> KillSwitch:
+        authorize(principal, "get_kill_switch")
+        return self._registry().kill_switch()
 
     def get(self, job_id: str, principal: Principal = ANONYMOUS) -> Job:
         authorize(principal, "get_job")

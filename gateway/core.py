@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -11,6 +12,7 @@ from seal.records import (
     AdapterRef,
     ApplyTask,
     AuditTask,
+    Document,
     DocumentResult,
     EditFormat,
     EditResult,
@@ -25,10 +27,31 @@ from seal.records import (
     SelfEdit,
     Verdict,
     from_dict,
+    sha256_text,
 )
 from seal.tasks import TASK_TYPES, decode
+from seal.validation import signoff_count
 
 TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED)
+
+
+def split_signoff(doc: Document, fraction: float) -> Document:
+    """`doc` with signoff_count(n, fraction) of its questions moved to its sign-off questions.
+
+    Which ones is fixed by the questions' text (ordered by sha256), not their position, so the split is
+    reproducible and does not favour the end of a passage. A document that already names sign-off
+    questions, or a fraction of 0, is kept as it is.
+    """
+    k = signoff_count(len(doc.questions), fraction)
+    if doc.signoff_questions or k == 0:
+        return doc
+    ranked = sorted(range(len(doc.questions)), key=lambda i: sha256_text(doc.questions[i].question))
+    held = set(ranked[:k])
+    return dataclasses.replace(
+        doc,
+        questions=tuple(qa for i, qa in enumerate(doc.questions) if i not in held),
+        signoff_questions=tuple(qa for i, qa in enumerate(doc.questions) if i in held),
+    )
 
 
 def expected_edits(spec: JobSpec) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.conductor import Conductor
 from gateway.core import TERMINAL_STATES, job_id_of_task
@@ -22,6 +22,9 @@ from seal.errors import InvalidArgument
 from seal.records import Audited, DeadLetter, Event, Job, JobState, Proposed, Trained, to_dict
 from seal.signing import Expected, TrustedKeys, VerdictRejected, check_verdict
 from seal.tasks import decode, run_task_id
+
+if TYPE_CHECKING:
+    from gateway.deployments import DeploymentStore
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,9 @@ def expected_for(job: Job, self_edit_id: str, run: int = 0) -> Expected:
     )
 
 
-def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def event_handler(
+    store: JobStore, keys: TrustedKeys, deployments: DeploymentStore | None = None
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
     conductor = Conductor(store)
 
     def proposed(job_id: str, event: Proposed) -> None:
@@ -83,14 +88,35 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
             store.set_state(job.id, JobState.FAILED, error=f"verdict for {event.self_edit_id} refused: {exc}")
             return
         store.record(job.id, run_task_id(event.self_edit_id, event.run), "verdict", to_dict(verdict))
+        if deployments is not None:
+            deployments.audit(
+                "verdict",
+                f"auditor:{verdict.auditor_key_id}",
+                f"job:{job.id}",
+                {
+                    "self_edit_id": verdict.self_edit_id,
+                    "run": event.run,
+                    "adapter_sha256": verdict.adapter_sha256,
+                    "reward": verdict.reward,
+                    "signoff": [verdict.signoff_baseline_accuracy, verdict.signoff_adapted_accuracy],
+                    "passed": verdict.passed,
+                    "checks": list(verdict.checks),
+                    "signature": verdict.signature,
+                },
+            )
 
     def handle(payload: dict[str, Any]) -> dict[str, Any]:
         event = decode(Event, payload)
-        kinds = (event.proposed, event.trained, event.audited, event.policy_trained)
+        kinds = (event.proposed, event.trained, event.audited, event.policy_trained, event.certified)
         if all(kind is None for kind in kinds):
             raise InvalidArgument(
-                "payload", "an event must be one of proposed, trained, audited, policy_trained"
+                "payload", "an event must be one of proposed, trained, audited, policy_trained, certified"
             )
+        if event.certified is not None:
+            if deployments is None or event.certified.certificate is None:
+                raise InvalidArgument("certified", "this gateway keeps no deployments, or no certificate")
+            deployments.certified(event.certified.certificate)
+            return {}
         if not store.exists(event.job_id):  # expired, or named by a forged event: nothing to fold into
             log.warning("event for an unknown job dropped", extra={"job_id": event.job_id})
             return {}
@@ -109,7 +135,9 @@ def event_handler(store: JobStore, keys: TrustedKeys) -> Callable[[dict[str, Any
     return handle
 
 
-def dead_letter_handler(store: JobStore) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def dead_letter_handler(
+    store: JobStore, deployments: DeploymentStore | None = None
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A task that kept failing fails its job, with the reason the service gave (and a failed round
     fails its policy-training job)."""
     conductor = Conductor(store)
@@ -120,6 +148,11 @@ def dead_letter_handler(store: JobStore) -> Callable[[dict[str, Any]], dict[str,
             task = json.loads(letter.payload_json)
         except ValueError:
             task = {}
+        if letter.stream == "certify" and deployments is not None:
+            name, _, number = letter.task_id.rpartition("/")
+            if number.isdigit():
+                deployments.fail_certification(name, int(number), f"certification failed: {letter.reason}")
+            return {}
         job_id = job_id_of_task(letter.stream, task)
         if job_id:
             reason = (

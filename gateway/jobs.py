@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core import TERMINAL_STATES, assemble_job, expected_runs
+from gateway.core import TERMINAL_STATES, assemble_job, expected_runs, split_signoff
 from gateway.rounds import round_job_id, round_result, round_spec
 from seal.errors import InvalidArgument, NotFound
 from seal.records import (
@@ -65,8 +65,10 @@ class JobPage:
 
 
 class JobStore:
-    def __init__(self, plane: WorkPlane) -> None:
+    def __init__(self, plane: WorkPlane, signoff_fraction: float = 0.0) -> None:
         self.plane = plane
+        # Knowledge jobs' documents are split into selection and sign-off questions (gateway.core).
+        self.signoff_fraction = signoff_fraction
         self.redis = plane.redis
         self._set_state = plane.redis.register_script(_SET_STATE_UNLESS_FINISHED)
 
@@ -86,7 +88,9 @@ class JobStore:
         job_id = uuid.uuid4().hex[:16]
         pipe = self.redis.pipeline(transaction=True)
         if spec.policy_training is None:
-            self._create(pipe, job_id, spec, owner)
+            # The job records its split, so every verdict names (and every reader sees) the same τ.
+            documents = tuple(split_signoff(doc, self.signoff_fraction) for doc in spec.documents)
+            self._create(pipe, job_id, dataclasses.replace(spec, documents=documents), owner)
         else:
             self._create(pipe, job_id, spec, owner, state=JobState.RUNNING)
             # Round 1 samples with the version the job names ("" = the base policy), and learns on from it.

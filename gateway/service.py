@@ -11,17 +11,23 @@ from grpc_health.v1 import health_pb2
 
 from gateway.api import GatewayApi, RedisProbe, WatcherSlots
 from gateway.auth import Authenticator, BearerAuthInterceptor, add_intercepted_servicer, current_principal
+from gateway.deployments import DeploymentStore
 from gateway.events import dead_letter_handler, event_handler
 from gateway.http import HttpLimits, build_app, start_http
 from gateway.jobs import JobStore
+from gateway.served import DeploymentModels
+from gateway.serving import serving_routes
 from seal import convert
+from seal.auditlog import AuditLog
 from seal.config import ServiceConfig
 from seal.records import Job, JobSpec
-from seal.runtime import connect_plane, make_worker
+from seal.registry import StudentRegistry
+from seal.runtime import connect_plane, load_base_model, make_worker
 from seal.server import ServiceProcess
 from seal.signing import load_trusted_keys
 from seal.tls import tls_files
 from seal.v1 import gateway_pb2, gateway_pb2_grpc, types_pb2
+from student.client import fetch_registered
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -49,6 +55,49 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.api.get_policy(request.version, current_principal()), types_pb2.PolicyVersion
         )
 
+    def Promote(self, request: gateway_pb2.PromoteRequest, context: grpc.ServicerContext) -> Any:
+        version = self.api.promote(
+            request.deployment,
+            request.job_id,
+            request.self_edit_id,
+            request.run,
+            request.alias,
+            current_principal(),
+        )
+        return convert.to_pb(version, gateway_pb2.DeploymentVersion)
+
+    def Approve(self, request: gateway_pb2.ApproveRequest, context: grpc.ServicerContext) -> Any:
+        approval = self.api.approve(
+            request.deployment, request.adapter_sha256, request.comment, current_principal()
+        )
+        return convert.to_pb(approval, gateway_pb2.Approval)
+
+    def Rollback(self, request: gateway_pb2.RollbackRequest, context: grpc.ServicerContext) -> Any:
+        deployment = self.api.rollback(
+            request.deployment, request.alias, request.version, current_principal()
+        )
+        return convert.to_pb(deployment, gateway_pb2.Deployment)
+
+    def ListDeployments(
+        self, request: gateway_pb2.ListDeploymentsRequest, context: grpc.ServicerContext
+    ) -> Any:
+        deployments = self.api.list_deployments(current_principal())
+        return gateway_pb2.ListDeploymentsResponse(
+            deployments=[convert.to_pb(d, gateway_pb2.Deployment) for d in deployments]
+        )
+
+    def GetDeployment(self, request: gateway_pb2.GetDeploymentRequest, context: grpc.ServicerContext) -> Any:
+        return convert.to_pb(
+            self.api.get_deployment(request.name, current_principal()), gateway_pb2.Deployment
+        )
+
+    def SetKillSwitch(self, request: gateway_pb2.KillSwitch, context: grpc.ServicerContext) -> Any:
+        state = self.api.set_kill_switch(request.on, request.reason, current_principal())
+        return convert.to_pb(state, gateway_pb2.KillSwitch)
+
+    def GetKillSwitch(self, request: gateway_pb2.GetKillSwitchRequest, context: grpc.ServicerContext) -> Any:
+        return convert.to_pb(self.api.get_kill_switch(current_principal()), gateway_pb2.KillSwitch)
+
 
 def _job_pb(job: Job) -> gateway_pb2.Job:
     return convert.to_pb(job, gateway_pb2.Job)
@@ -64,12 +113,23 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         )
     keys = load_trusted_keys(config.trusted_keys)
     plane = connect_plane(config)
-    store = JobStore(plane)
+    store = JobStore(plane, config.signoff_fraction)
+    audit_log = AuditLog(plane.redis, plane.key(""))
+    deployments = DeploymentStore(
+        plane,
+        store,
+        keys,
+        required_approvals=config.required_approvals,
+        max_knowledge_drop=config.max_knowledge_drop,
+        audit=lambda kind, actor, subject, body: audit_log.append(kind, actor, subject, body),
+    )
     authenticator = Authenticator.from_config(config.api_tokens)
-    api = GatewayApi(store, config.limits(), config.model, WatcherSlots(config.max_watchers))
+    api = GatewayApi(
+        store, config.limits(), config.model, WatcherSlots(config.max_watchers), deployments=deployments
+    )
     workers = [
-        make_worker(config, plane, "events", event_handler(store, keys)),
-        make_worker(config, plane, "dead", dead_letter_handler(store)),
+        make_worker(config, plane, "events", event_handler(store, keys, deployments), pausable=False),
+        make_worker(config, plane, "dead", dead_letter_handler(store, deployments), pausable=False),
     ]
 
     def register(server: grpc.Server) -> list[str]:
@@ -98,7 +158,27 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         limits = HttpLimits(
             config.http_max_body_bytes, config.http_read_timeout_s, config.http_max_concurrency
         )
-        app = build_app(api, authenticator, lambda: probe.serving, limits)
+        models = DeploymentModels(
+            deployments,
+            keys,
+            base=lambda: load_base_model(config)[:2],
+            fetch=lambda adapter: fetch_registered(
+                StudentRegistry(plane),
+                adapter,
+                config.data_dir / "served-adapters",  # never pruned: a promoted adapter stays servable
+                config.adapter_max_bytes,
+                config.adapter_max_files,
+                config.student_wait_s,
+                tls=tls,
+            ),
+        )
+        app = build_app(
+            api,
+            authenticator,
+            lambda: probe.serving,
+            limits,
+            extra_routes=serving_routes(models, authenticator, limits),
+        )
         http = start_http(app, config.http_listen, limits)
         process.on_stop.append(http.stop)
     return process

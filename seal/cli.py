@@ -449,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses, comma-separated")
     certs.set_defaults(func=cmd_certs)
 
+    from seal.auditlog import add_parser as add_audit_parser
+    from seal.deploy_cli import add_deployment_commands
+
+    def registry_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gateway", default=DEFAULT_GATEWAY)
+        _add_token_flag(p)
+        _add_tls_flags(p)
+
+    add_deployment_commands(sub, registry_flags)
+    add_audit_parser(sub)
+
     from seal.bench.knowledge import add_bench_commands
 
     bench = sub.add_parser(

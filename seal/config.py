@@ -81,6 +81,13 @@ class ServiceConfig:
     """Teacher: the largest LoRA rank a self-edit's own directives may ask for."""
     max_directive_epochs: int = 20
     """Teacher: the most epochs a self-edit's own directives may ask for."""
+    signoff_fraction: float = 0.3
+    """Gateway: share of each document's questions kept for sign-off (promotion), never used to choose
+    the best self-edit; 0 switches the split off (then nothing can be promoted)."""
+    required_approvals: int = 0
+    """Gateway: operator approvals (distinct identities) an adapter needs before it is promoted."""
+    max_knowledge_drop: float = 0.25
+    """Gateway: how far a promotion may lower an earlier document's sign-off accuracy (0..1)."""
     # --- trust: verdict signing, authentication, transport security ------------------------------
     signing_key: str = ""
     """Auditor: its Ed25519 private key file (PEM); empty: <data_dir>/auditor-ed25519.key, made if missing."""
@@ -130,6 +137,11 @@ class ServiceConfig:
             )
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        for name in ("signoff_fraction", "max_knowledge_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.required_approvals < 0:
+            raise ValueError(f"required_approvals must be >= 0, got {self.required_approvals}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.answer_prompt not in ("chat", "reference"):
@@ -150,6 +162,7 @@ class ServiceConfig:
             max_seeds=self.max_seeds,
             max_directive_rank=self.max_directive_rank,
             max_directive_epochs=self.max_directive_epochs,
+            signoff_fraction=self.signoff_fraction,
         )
 
     def advertised(self, bound_port: int) -> str:

@@ -206,3 +206,20 @@ def build_tiny_model(out_dir: Path, seed: int = 0, hidden_size: int = 64, layers
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
+
+
+def merge_adapters(base_model: Any, adapter_dirs: Any) -> Any:
+    """A copy of `base_model` with each LoRA adapter in `adapter_dirs` merged into its weights, in order.
+
+    This is how a deployment version is built wherever it runs (the auditor that certifies it, the
+    gateway that serves it), so what was certified is what is served. `base_model` is not modified.
+    """
+    import copy
+
+    from peft import PeftModel
+
+    model = copy.deepcopy(base_model)
+    for adapter_dir in adapter_dirs:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    model.eval()
+    return model

@@ -52,6 +52,8 @@ class Document:
     title: str = ""
     context: str = ""
     questions: tuple[QA, ...] = ()
+    # Split off by the gateway: scored only for the verdict that gates promotion, never for selection.
+    signoff_questions: tuple[QA, ...] = ()
 
     def passage(self) -> Passage:
         """The part of the document that teacher and student may see (never τ)."""
@@ -311,12 +313,135 @@ class Verdict:
     # Base64 of the signed VerdictStatement bytes (bytes fields are base64 text in records).
     statement: str = ""
     judge_model: str = ""
+    signoff_baseline_accuracy: float = 0.0
+    signoff_adapted_accuracy: float = 0.0
+    signoff_scores: tuple[QuestionScore, ...] = ()
 
     def failed_checks(self) -> tuple[str, ...]:
         """Names of the guardrail checks that failed (checks read "name:pass" or "name:fail:detail")."""
         return tuple(
             name for name, outcome, *_ in (c.split(":", 2) for c in self.checks) if outcome != "pass"
         )
+
+
+@dataclass(frozen=True)
+class LearnedDocument:
+    """A document a deployment has learned, with the sign-off questions every later version re-checks."""
+
+    job_id: str = ""
+    doc_index: int = 0
+    title: str = ""
+    document_sha256: str = ""
+    signoff_questions: tuple[QA, ...] = ()
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One adapter of a deployment version, in merge order, with the verdict that admitted it."""
+
+    adapter: AdapterRef | None = None
+    verdict: Verdict | None = None
+    self_edit_text: str = ""
+    policy_version: str = ""
+    document: LearnedDocument | None = None
+
+
+@dataclass(frozen=True)
+class DocumentAccuracy:
+    job_id: str = ""
+    doc_index: int = 0
+    document_sha256: str = ""
+    accuracy: float = 0.0
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The auditor's signed re-check of a whole deployment version (see seal.signing)."""
+
+    deployment: str = ""
+    version: int = 0
+    fingerprint: str = ""
+    base_fingerprint: str = ""
+    adapter_sha256s: tuple[str, ...] = ()
+    documents: tuple[DocumentAccuracy, ...] = ()
+    retention_baseline: float = 0.0
+    retention_accuracy: float = 0.0
+    kl_shift: float = 0.0
+    checks: tuple[str, ...] = ()
+    passed: bool = False
+    grading_metric: str = ""
+    eval_seconds: float = 0.0
+    auditor_key_id: str = ""
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+    statement: str = ""
+    signature: str = ""
+
+    def failed_checks(self) -> tuple[str, ...]:
+        return tuple(
+            name for name, outcome, *_ in (c.split(":", 2) for c in self.checks) if outcome != "pass"
+        )
+
+
+class VersionState(str, enum.Enum):
+    CERTIFYING = "certifying"
+    PROMOTED = "promoted"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class DeploymentVersion:
+    deployment: str = ""
+    version: int = 0
+    parent: int = 0
+    fingerprint: str = ""
+    base_fingerprint: str = ""
+    layers: tuple[Layer, ...] = ()
+    state: VersionState = VersionState.CERTIFYING
+    refusal_code: str = ""
+    message: str = ""
+    certificate: Certificate | None = None
+    promoted_by: str = ""
+    created_at: float = 0.0
+    finished_at: float = 0.0
+    alias: str = ""
+    approvers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str = ""
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str = ""
+    base_fingerprint: str = ""
+    aliases: tuple[Alias, ...] = ()
+    versions: tuple[DeploymentVersion, ...] = ()
+    created_at: float = 0.0
+
+    def alias(self, name: str) -> int | None:
+        return next((a.version for a in self.aliases if a.name == name), None)
+
+
+@dataclass(frozen=True)
+class Approval:
+    deployment: str = ""
+    adapter_sha256: str = ""
+    approver: str = ""
+    approved_at: float = 0.0
+    approvers: tuple[str, ...] = ()
+    required: int = 0
+
+
+@dataclass(frozen=True)
+class KillSwitch:
+    on: bool = False
+    reason: str = ""
+    actor: str = ""
+    changed_at: float = 0.0
 
 
 # --- work-plane payloads (seal/v1/tasks.proto; encoded by seal.tasks) --------------------------------
@@ -396,6 +521,26 @@ class PolicyTrained:
 
 
 @dataclass(frozen=True)
+class CertifyTask:
+    deployment: str = ""
+    version: int = 0
+    fingerprint: str = ""
+    base_fingerprint: str = ""
+    layers: tuple[AdapterRef, ...] = ()
+    documents: tuple[LearnedDocument, ...] = ()
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    certificate: Certificate | None = None
+
+
+@dataclass(frozen=True)
+class Certified:
+    certificate: Certificate | None = None
+
+
+@dataclass(frozen=True)
 class Event:
     """What a service reports to the gateway: exactly one of proposed, trained, audited, policy_trained."""
 
@@ -404,6 +549,7 @@ class Event:
     trained: Trained | None = None
     audited: Audited | None = None
     policy_trained: PolicyTrained | None = None
+    certified: Certified | None = None
 
 
 @dataclass(frozen=True)

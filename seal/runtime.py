@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from seal.config import ServiceConfig
+from seal.killswitch import KillSwitchWatch
 from seal.models import load_model, model_fingerprint, resolve_model
 from seal.workplane import Followups, Handler, Worker, WorkPlane, wait_for_redis
 
@@ -58,9 +59,18 @@ def load_base_model(config: ServiceConfig) -> tuple[Any, Any, Path, str]:
 
 
 def make_worker(
-    config: ServiceConfig, plane: WorkPlane, stream: str, handle: Handler, followups: Followups | None = None
+    config: ServiceConfig,
+    plane: WorkPlane,
+    stream: str,
+    handle: Handler,
+    followups: Followups | None = None,
+    pausable: bool = True,
 ) -> Worker:
-    """This service's worker on `stream`, in the consumer group named after the service kind."""
+    """This service's worker on `stream`, in the consumer group named after the service kind.
+
+    A `pausable` worker (every adaptation task) stops taking tasks while the kill switch is on; the
+    gateway's events and dead letters are not pausable: results of work in flight still land.
+    """
     return Worker(
         plane,
         stream,
@@ -70,4 +80,5 @@ def make_worker(
         followups=followups or (lambda payload, result: []),
         visibility_timeout_s=config.visibility_timeout_s,
         max_attempts=config.max_attempts,
+        paused=KillSwitchWatch(plane).on if pausable else None,
     )

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from seal import metrics
 from seal.errors import status_of
+from seal.killswitch import ADAPTATION_HEALTH
 from seal.tls import TlsFiles, server_credentials
 from seal.workplane import Worker
 
@@ -119,8 +120,24 @@ class ServiceProcess:
         self.on_stop.append(metrics.expose(self.name, self.metrics_listen, self.workers))
         for service in ["", *names]:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        switches = [w.paused for w in self.workers if w.paused is not None]
+        if switches:
+            threading.Thread(
+                target=self._report_kill_switch, args=(switches[0],), name="kill-switch", daemon=True
+            ).start()
         log.info("serving", extra={"service": self.name, "port": self.port, "workers": len(self.workers)})
         return self.port
+
+    def _report_kill_switch(self, paused: Callable[[], bool]) -> None:
+        """Health service seal.v1.Adaptation: NOT_SERVING while the kill switch stops this service's work."""
+        while not self.stop_event.is_set():
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if paused()
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            self.health.set(ADAPTATION_HEALTH, status)
+            self.stop_event.wait(1.0)
 
     def wait(self) -> None:
         """Block until SIGTERM/SIGINT (or stop()), then drain: finish current tasks, then stop."""

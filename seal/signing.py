@@ -20,20 +20,23 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from seal import convert
 from seal.errors import PermanentError
-from seal.records import Verdict
+from seal.records import Certificate, Verdict
 from seal.v1 import types_pb2
 
 _RAW_KEY_BYTES = 32
+R = TypeVar("R", Verdict, Certificate)
 
 
 class VerdictRejected(PermanentError):
@@ -78,21 +81,35 @@ class VerdictSigner:
 
     def sign(self, verdict: Verdict, ttl_s: float = 30 * 24 * 3600.0, now: float | None = None) -> Verdict:
         """`verdict` stamped with this key's id, issue and expiry times, its statement and signature."""
+        return self._sign(verdict, types_pb2.VerdictStatement, ttl_s, now)
+
+    def sign_certificate(
+        self, certificate: Certificate, ttl_s: float = 30 * 24 * 3600.0, now: float | None = None
+    ) -> Certificate:
+        """A deployment version's certificate, stamped and signed the same way as a verdict."""
+        return self._sign(certificate, types_pb2.CertificateStatement, ttl_s, now)
+
+    def _sign(self, record: R, statement_cls: type[Message], ttl_s: float, now: float | None) -> R:
         issued = time.time() if now is None else now
         stamped = dataclasses.replace(
-            verdict,
+            record,  # type: ignore[type-var]
             auditor_key_id=self.key_id,
             issued_at=issued,
             expires_at=issued + ttl_s,
             signature="",
             statement="",
         )
-        statement = statement_of(stamped).SerializeToString(deterministic=True)
+        statement = convert.to_pb(stamped, statement_cls).SerializeToString(deterministic=True)
         return dataclasses.replace(
             stamped,
             statement=base64.b64encode(statement).decode(),
             signature=self._private_key.sign(statement).hex(),
         )
+
+
+def version_fingerprint(base_fingerprint: str, adapter_sha256s: Sequence[str]) -> str:
+    """The identity of a deployment version: its base and its adapters, in the order they are merged."""
+    return hashlib.sha256("\n".join((base_fingerprint, *adapter_sha256s)).encode()).hexdigest()
 
 
 def key_id_of(public_key: bytes) -> str:
@@ -113,19 +130,26 @@ class TrustedKeys:
 
     def verify(self, verdict: Verdict) -> types_pb2.VerdictStatement:
         """The signed statement of `verdict`; VerdictRejected unless it verifies and matches the fields."""
-        key = self.keys.get(verdict.auditor_key_id)
+        return self._verify(verdict, types_pb2.VerdictStatement, "verdict")  # type: ignore[return-value]
+
+    def verify_certificate(self, certificate: Certificate) -> types_pb2.CertificateStatement:
+        """The signed statement of a deployment version's certificate, checked as `verify` checks a verdict."""
+        return self._verify(certificate, types_pb2.CertificateStatement, "certificate")  # type: ignore[return-value]
+
+    def _verify(self, record: Verdict | Certificate, statement_cls: type[Message], what: str) -> Message:
+        key = self.keys.get(record.auditor_key_id)
         if key is None:
             raise VerdictRejected(
-                "unknown_key", f"verdict is signed by key {verdict.auditor_key_id!r}, which is not trusted"
+                "unknown_key", f"{what} is signed by key {record.auditor_key_id!r}, which is not trusted"
             )
         try:
-            statement = base64.b64decode(verdict.statement, validate=True)
-            Ed25519PublicKey.from_public_bytes(key).verify(bytes.fromhex(verdict.signature), statement)
-            signed = types_pb2.VerdictStatement.FromString(statement)
+            statement = base64.b64decode(record.statement, validate=True)
+            Ed25519PublicKey.from_public_bytes(key).verify(bytes.fromhex(record.signature), statement)
+            signed = statement_cls.FromString(statement)
         except (InvalidSignature, ValueError, TypeError, binascii.Error, DecodeError):
-            raise VerdictRejected("bad_signature", "the signature does not verify") from None
-        if signed != statement_of(verdict):
-            raise VerdictRejected("altered", "the verdict's fields differ from the statement that was signed")
+            raise VerdictRejected("bad_signature", f"the {what}'s signature does not verify") from None
+        if signed != convert.to_pb(record, statement_cls):
+            raise VerdictRejected("altered", f"the {what}'s fields differ from the statement that was signed")
         return signed
 
 

@@ -21,6 +21,8 @@ from seal.records import (
     ApplyTask,
     AuditResult,
     AuditTask,
+    CertifyResult,
+    CertifyTask,
     DeadLetter,
     Event,
     PolicyResult,
@@ -43,6 +45,8 @@ MESSAGES: dict[type, type[Message]] = {
     DeadLetter: tasks_pb2.DeadLetter,
     PolicyTask: tasks_pb2.PolicyTask,
     PolicyResult: tasks_pb2.PolicyResult,
+    CertifyTask: tasks_pb2.CertifyTask,
+    CertifyResult: tasks_pb2.CertifyResult,
 }
 
 # What each task stream carries (the gateway reads dead letters by it).
@@ -51,6 +55,7 @@ TASK_TYPES: dict[str, type] = {
     "apply": ApplyTask,
     "audit": AuditTask,
     "policy": PolicyTask,
+    "certify": CertifyTask,
     "events": Event,
 }
 

@@ -40,6 +40,8 @@ class Limits:
     max_rounds: int = 10
     max_policy_contexts: int = 200
     max_seeds: int = 5
+    # The share of each document's questions kept for sign-off (promotion), never used for selection.
+    signoff_fraction: float = 0.0
 
 
 def check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -114,15 +116,47 @@ def validate_document(doc: Document, limits: Limits, prefix: str) -> None:
             f"{prefix}.questions",
             f"must hold at most {limits.max_questions} questions, got {len(doc.questions)}",
         )
-    for j, qa in enumerate(doc.questions):
-        if not isinstance(qa.question, str) or not qa.question.strip():
-            raise InvalidArgument(f"{prefix}.questions[{j}].question", "must not be empty")
-        if len(qa.question) > limits.max_question_chars:
+    if len(doc.questions) + len(doc.signoff_questions) > limits.max_questions:
+        raise InvalidArgument(
+            f"{prefix}.questions",
+            f"must hold at most {limits.max_questions} questions with the sign-off questions, "
+            f"got {len(doc.questions) + len(doc.signoff_questions)}",
+        )
+    for kind, questions in (("questions", doc.questions), ("signoff_questions", doc.signoff_questions)):
+        for j, qa in enumerate(questions):
+            if not isinstance(qa.question, str) or not qa.question.strip():
+                raise InvalidArgument(f"{prefix}.{kind}[{j}].question", "must not be empty")
+            if len(qa.question) > limits.max_question_chars:
+                raise InvalidArgument(
+                    f"{prefix}.{kind}[{j}].question",
+                    f"must be at most {limits.max_question_chars} characters",
+                )
+            if not isinstance(qa.answer, str) or not qa.answer.strip():
+                raise InvalidArgument(f"{prefix}.{kind}[{j}].answer", "every question needs its answer")
+
+
+def signoff_count(questions: int, fraction: float) -> int:
+    """How many of a document's `questions` are kept for sign-off: round(n x fraction), at least one
+    when the fraction is above 0; 0 switches the split off."""
+    return 0 if fraction <= 0 else max(1, round(questions * fraction))
+
+
+def validate_signoff_split(spec: JobSpec, fraction: float) -> None:
+    """Each document of a knowledge job can be split into selection and sign-off questions."""
+    if spec.policy_training is not None or fraction <= 0:
+        return  # policy-training contexts are never promoted: all their questions select
+    for i, doc in enumerate(spec.documents):
+        if doc.signoff_questions:
+            continue  # the submitter chose the sign-off questions itself
+        n = len(doc.questions)
+        k = signoff_count(n, fraction)
+        if n - k < 1:
             raise InvalidArgument(
-                f"{prefix}.questions[{j}].question", f"must be at most {limits.max_question_chars} characters"
+                f"documents[{i}].questions",
+                f"has {n} question(s); the sign-off split ({fraction:.0%} of the questions, at least one) "
+                f"needs at least {k + 1}: one or more to select the best self-edit on and {k} to sign it "
+                "off on. Add questions, give signoff_questions yourself, or set --signoff-fraction 0",
             )
-        if not isinstance(qa.answer, str) or not qa.answer.strip():
-            raise InvalidArgument(f"{prefix}.questions[{j}].answer", "every question needs its answer")
 
 
 def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> None:
@@ -153,6 +187,7 @@ def validate_job_spec(spec: JobSpec, limits: Limits, deployment_model: str) -> N
         )
     if spec.policy_training is not None:
         validate_policy_training(spec, limits)
+    validate_signoff_split(spec, limits.signoff_fraction)
     if spec.model and spec.model != deployment_model:
         raise InvalidArgument(
             "model", f"unknown model {spec.model!r}; this deployment adapts {deployment_model!r}"

@@ -37,7 +37,7 @@ from seal.tasks import encode
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("propose", "apply", "audit", "policy", "events", "dead")
+STREAMS = ("propose", "apply", "audit", "policy", "certify", "events", "dead")
 RESULT_TTL_S = 7 * 24 * 3600
 # Approximate caps (XADD MAXLEN ~). Task streams are never capped: trimming would drop work. Events
 # are deleted once folded, so the cap only bites on a backlog this deep; dead letters are kept for
@@ -165,6 +165,8 @@ class Worker:
     visibility_timeout_s: float = 120.0
     max_attempts: int = 3
     retry_backoff_s: float = 2.0
+    paused: Callable[[], bool] | None = None
+    """While this says True (the kill switch), the worker takes no new task; one in flight finishes."""
 
     def __post_init__(self) -> None:
         self._stream_key = self.plane.stream_key(self.stream)
@@ -180,6 +182,9 @@ class Worker:
             log.warning("could not forget idle consumers", extra={"error": str(exc)})
         while not stop.is_set():
             try:
+                if self.paused is not None and self.paused():
+                    stop.wait(1.0)
+                    continue
                 self.poll_once(block_ms)
             except redis.RedisError as exc:
                 log.warning("redis unavailable, retrying", extra={"error": str(exc)})

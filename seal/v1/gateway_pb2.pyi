@@ -20,6 +20,25 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _VersionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VersionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERSION_STATE_UNSPECIFIED: _VersionState.ValueType  # 0
+    VERSION_STATE_CERTIFYING: _VersionState.ValueType  # 1
+    VERSION_STATE_PROMOTED: _VersionState.ValueType  # 2
+    VERSION_STATE_REFUSED: _VersionState.ValueType  # 3
+
+class VersionState(_VersionState, metaclass=_VersionStateEnumTypeWrapper): ...
+
+VERSION_STATE_UNSPECIFIED: VersionState.ValueType  # 0
+VERSION_STATE_CERTIFYING: VersionState.ValueType  # 1
+VERSION_STATE_PROMOTED: VersionState.ValueType  # 2
+VERSION_STATE_REFUSED: VersionState.ValueType  # 3
+Global___VersionState: _TypeAlias = VersionState  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -40,6 +59,344 @@ JOB_STATE_RUNNING: JobState.ValueType  # 2
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
 JOB_STATE_FAILED: JobState.ValueType  # 4
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+@_typing.final
+class PromoteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SELF_EDIT_ID_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    job_id: _builtins.str
+    self_edit_id: _builtins.str
+    run: _builtins.int
+    """Which training run of the self-edit (0 unless the job trained several seeds)."""
+    alias: _builtins.str
+    """The alias that moves once the version is certified: "production" (default), "candidate", "shadow"."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        self_edit_id: _builtins.str = ...,
+        run: _builtins.int = ...,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "deployment", b"deployment", "job_id", b"job_id", "run", b"run", "self_edit_id", b"self_edit_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRequest: _TypeAlias = PromoteRequest  # noqa: Y015
+
+@_typing.final
+class ApproveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    adapter_sha256: _builtins.str
+    comment: _builtins.str
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        adapter_sha256: _builtins.str = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "comment", b"comment", "deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRequest: _TypeAlias = ApproveRequest  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    APPROVED_AT_FIELD_NUMBER: _builtins.int
+    APPROVERS_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    adapter_sha256: _builtins.str
+    approver: _builtins.str
+    approved_at: _builtins.float
+    required: _builtins.int
+    @_builtins.property
+    def approvers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        adapter_sha256: _builtins.str = ...,
+        approver: _builtins.str = ...,
+        approved_at: _builtins.float = ...,
+        approvers: _abc.Iterable[_builtins.str] | None = ...,
+        required: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "approved_at", b"approved_at", "approver", b"approver", "approvers", b"approvers", "deployment", b"deployment", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    alias: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "deployment", b"deployment", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class DeploymentVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REFUSAL_CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    PROMOTED_BY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    APPROVERS_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    version: _builtins.int
+    parent: _builtins.int
+    """The version this one adds a layer to."""
+    fingerprint: _builtins.str
+    base_fingerprint: _builtins.str
+    state: Global___VersionState.ValueType
+    refusal_code: _builtins.str
+    """Why a version was refused: a code (e.g. "knowledge_lost") and a message."""
+    message: _builtins.str
+    promoted_by: _builtins.str
+    created_at: _builtins.float
+    finished_at: _builtins.float
+    alias: _builtins.str
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Layer]:
+        """Every adapter merged into the base, oldest first (the parent's layers, then the new one)."""
+
+    @_builtins.property
+    def certificate(self) -> _types_pb2.Certificate: ...
+    @_builtins.property
+    def approvers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        version: _builtins.int = ...,
+        parent: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        layers: _abc.Iterable[_types_pb2.Layer] | None = ...,
+        state: Global___VersionState.ValueType = ...,
+        refusal_code: _builtins.str = ...,
+        message: _builtins.str = ...,
+        certificate: _types_pb2.Certificate | None = ...,
+        promoted_by: _builtins.str = ...,
+        created_at: _builtins.float = ...,
+        finished_at: _builtins.float = ...,
+        alias: _builtins.str = ...,
+        approvers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "approvers", b"approvers", "base_fingerprint", b"base_fingerprint", "certificate", b"certificate", "created_at", b"created_at", "deployment", b"deployment", "fingerprint", b"fingerprint", "finished_at", b"finished_at", "layers", b"layers", "message", b"message", "parent", b"parent", "promoted_by", b"promoted_by", "refusal_code", b"refusal_code", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentVersion: _TypeAlias = DeploymentVersion  # noqa: Y015
+
+@_typing.final
+class Alias(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alias: _TypeAlias = Alias  # noqa: Y015
+
+@_typing.final
+class Deployment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    base_fingerprint: _builtins.str
+    created_at: _builtins.float
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alias]: ...
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentVersion]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        aliases: _abc.Iterable[Global___Alias] | None = ...,
+        versions: _abc.Iterable[Global___DeploymentVersion] | None = ...,
+        created_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base_fingerprint", b"base_fingerprint", "created_at", b"created_at", "name", b"name", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]: ...
+    def __init__(
+        self,
+        *,
+        deployments: _abc.Iterable[Global___Deployment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: Y015
+
+@_typing.final
+class GetDeploymentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentRequest: _TypeAlias = GetDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class KillSwitch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    on: _builtins.bool
+    reason: _builtins.str
+    actor: _builtins.str
+    changed_at: _builtins.float
+    def __init__(
+        self,
+        *,
+        on: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        changed_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "changed_at", b"changed_at", "on", b"on", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KillSwitch: _TypeAlias = KillSwitch  # noqa: Y015
+
+@_typing.final
+class GetKillSwitchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKillSwitchRequest: _TypeAlias = GetKillSwitchRequest  # noqa: Y015
 
 @_typing.final
 class ListPoliciesRequest(_message.Message):

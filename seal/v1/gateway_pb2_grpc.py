@@ -61,6 +61,41 @@ class GatewayStub:
                 request_serializer=seal_dot_v1_dot_gateway__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_types__pb2.PolicyVersion.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/seal.v1.Gateway/Promote',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.DeploymentVersion.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/seal.v1.Gateway/Approve',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.Approval.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/seal.v1.Gateway/Rollback',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/seal.v1.Gateway/ListDeployments',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/seal.v1.Gateway/GetDeployment',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.SetKillSwitch = channel.unary_unary(
+                '/seal.v1.Gateway/SetKillSwitch',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.KillSwitch.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.KillSwitch.FromString,
+                _registered_method=True)
+        self.GetKillSwitch = channel.unary_unary(
+                '/seal.v1.Gateway/GetKillSwitch',
+                request_serializer=seal_dot_v1_dot_gateway__pb2.GetKillSwitchRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_gateway__pb2.KillSwitch.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -100,6 +135,56 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """Promotion. An adapter of a finished job becomes the next version of a deployment only with a
+        verdict that verifies under a trusted auditor key, names this adapter, base and job, passed every
+        guardrail and has not expired, with the required approvals, while the kill switch is off; the
+        version is then certified by an auditor (every learned document re-checked) before an alias
+        moves to it. Refusals are FAILED_PRECONDITION with a distinct code leading the message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """An operator's approval of one adapter for one deployment (counted per operator identity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Moves an alias to any earlier promoted version; nothing restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetKillSwitch(self, request, context):
+        """Stops (or resumes) all adaptation and promotion at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKillSwitch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +212,41 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=seal_dot_v1_dot_gateway__pb2.GetPolicyRequest.FromString,
                     response_serializer=seal_dot_v1_dot_types__pb2.PolicyVersion.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.PromoteRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.DeploymentVersion.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.ApproveRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.Approval.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.RollbackRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.Deployment.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.Deployment.SerializeToString,
+            ),
+            'SetKillSwitch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKillSwitch,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.KillSwitch.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.KillSwitch.SerializeToString,
+            ),
+            'GetKillSwitch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKillSwitch,
+                    request_deserializer=seal_dot_v1_dot_gateway__pb2.GetKillSwitchRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_gateway__pb2.KillSwitch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +385,195 @@ class Gateway:
             '/seal.v1.Gateway/GetPolicy',
             seal_dot_v1_dot_gateway__pb2.GetPolicyRequest.SerializeToString,
             seal_dot_v1_dot_types__pb2.PolicyVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/Promote',
+            seal_dot_v1_dot_gateway__pb2.PromoteRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.DeploymentVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/Approve',
+            seal_dot_v1_dot_gateway__pb2.ApproveRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/Rollback',
+            seal_dot_v1_dot_gateway__pb2.RollbackRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/ListDeployments',
+            seal_dot_v1_dot_gateway__pb2.ListDeploymentsRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/GetDeployment',
+            seal_dot_v1_dot_gateway__pb2.GetDeploymentRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKillSwitch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/SetKillSwitch',
+            seal_dot_v1_dot_gateway__pb2.KillSwitch.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.KillSwitch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKillSwitch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.Gateway/GetKillSwitch',
+            seal_dot_v1_dot_gateway__pb2.GetKillSwitchRequest.SerializeToString,
+            seal_dot_v1_dot_gateway__pb2.KillSwitch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,22 @@ class GatewayStub:
     """Teacher policy versions the policy-training jobs produced, newest first."""
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyRequest, _types_pb2.PolicyVersion]
     """One policy version with its lineage; NOT_FOUND when none has that name."""
+    Promote: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.PromoteRequest, _gateway_pb2.DeploymentVersion]
+    """Promotion. An adapter of a finished job becomes the next version of a deployment only with a
+    verdict that verifies under a trusted auditor key, names this adapter, base and job, passed every
+    guardrail and has not expired, with the required approvals, while the kill switch is off; the
+    version is then certified by an auditor (every learned document re-checked) before an alias
+    moves to it. Refusals are FAILED_PRECONDITION with a distinct code leading the message.
+    """
+    Approve: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ApproveRequest, _gateway_pb2.Approval]
+    """An operator's approval of one adapter for one deployment (counted per operator identity)."""
+    Rollback: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RollbackRequest, _gateway_pb2.Deployment]
+    """Moves an alias to any earlier promoted version; nothing restarts."""
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListDeploymentsRequest, _gateway_pb2.ListDeploymentsResponse]
+    GetDeployment: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetDeploymentRequest, _gateway_pb2.Deployment]
+    SetKillSwitch: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.KillSwitch, _gateway_pb2.KillSwitch]
+    """Stops (or resumes) all adaptation and promotion at once."""
+    GetKillSwitch: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetKillSwitchRequest, _gateway_pb2.KillSwitch]
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -56,6 +72,22 @@ class GatewayAsyncStub(GatewayStub):
     """Teacher policy versions the policy-training jobs produced, newest first."""
     GetPolicy: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyRequest, _types_pb2.PolicyVersion]  # type: ignore[assignment]
     """One policy version with its lineage; NOT_FOUND when none has that name."""
+    Promote: _aio.UnaryUnaryMultiCallable[_gateway_pb2.PromoteRequest, _gateway_pb2.DeploymentVersion]  # type: ignore[assignment]
+    """Promotion. An adapter of a finished job becomes the next version of a deployment only with a
+    verdict that verifies under a trusted auditor key, names this adapter, base and job, passed every
+    guardrail and has not expired, with the required approvals, while the kill switch is off; the
+    version is then certified by an auditor (every learned document re-checked) before an alias
+    moves to it. Refusals are FAILED_PRECONDITION with a distinct code leading the message.
+    """
+    Approve: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ApproveRequest, _gateway_pb2.Approval]  # type: ignore[assignment]
+    """An operator's approval of one adapter for one deployment (counted per operator identity)."""
+    Rollback: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RollbackRequest, _gateway_pb2.Deployment]  # type: ignore[assignment]
+    """Moves an alias to any earlier promoted version; nothing restarts."""
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListDeploymentsRequest, _gateway_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    GetDeployment: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetDeploymentRequest, _gateway_pb2.Deployment]  # type: ignore[assignment]
+    SetKillSwitch: _aio.UnaryUnaryMultiCallable[_gateway_pb2.KillSwitch, _gateway_pb2.KillSwitch]  # type: ignore[assignment]
+    """Stops (or resumes) all adaptation and promotion at once."""
+    GetKillSwitch: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetKillSwitchRequest, _gateway_pb2.KillSwitch]  # type: ignore[assignment]
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     """The front door: accepts jobs, conducts the rounds, reports results."""
@@ -97,5 +129,63 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.PolicyVersion, _abc.Awaitable[_types_pb2.PolicyVersion]]:
         """One policy version with its lineage; NOT_FOUND when none has that name."""
+
+    @_abc_1.abstractmethod
+    def Promote(
+        self,
+        request: _gateway_pb2.PromoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.DeploymentVersion, _abc.Awaitable[_gateway_pb2.DeploymentVersion]]:
+        """Promotion. An adapter of a finished job becomes the next version of a deployment only with a
+        verdict that verifies under a trusted auditor key, names this adapter, base and job, passed every
+        guardrail and has not expired, with the required approvals, while the kill switch is off; the
+        version is then certified by an auditor (every learned document re-checked) before an alias
+        moves to it. Refusals are FAILED_PRECONDITION with a distinct code leading the message.
+        """
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _gateway_pb2.ApproveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Approval, _abc.Awaitable[_gateway_pb2.Approval]]:
+        """An operator's approval of one adapter for one deployment (counted per operator identity)."""
+
+    @_abc_1.abstractmethod
+    def Rollback(
+        self,
+        request: _gateway_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Deployment, _abc.Awaitable[_gateway_pb2.Deployment]]:
+        """Moves an alias to any earlier promoted version; nothing restarts."""
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _gateway_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListDeploymentsResponse, _abc.Awaitable[_gateway_pb2.ListDeploymentsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDeployment(
+        self,
+        request: _gateway_pb2.GetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Deployment, _abc.Awaitable[_gateway_pb2.Deployment]]: ...
+
+    @_abc_1.abstractmethod
+    def SetKillSwitch(
+        self,
+        request: _gateway_pb2.KillSwitch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.KillSwitch, _abc.Awaitable[_gateway_pb2.KillSwitch]]:
+        """Stops (or resumes) all adaptation and promotion at once."""
+
+    @_abc_1.abstractmethod
+    def GetKillSwitch(
+        self,
+        request: _gateway_pb2.GetKillSwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.KillSwitch, _abc.Awaitable[_gateway_pb2.KillSwitch]]: ...
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -212,6 +212,7 @@ class Event(_message.Message):
     TRAINED_FIELD_NUMBER: _builtins.int
     AUDITED_FIELD_NUMBER: _builtins.int
     POLICY_TRAINED_FIELD_NUMBER: _builtins.int
+    CERTIFIED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     @_builtins.property
     def proposed(self) -> Global___Proposed: ...
@@ -221,6 +222,8 @@ class Event(_message.Message):
     def audited(self) -> Global___Audited: ...
     @_builtins.property
     def policy_trained(self) -> Global___PolicyTrained: ...
+    @_builtins.property
+    def certified(self) -> Global___Certified: ...
     def __init__(
         self,
         *,
@@ -229,16 +232,99 @@ class Event(_message.Message):
         trained: Global___Trained | None = ...,
         audited: Global___Audited | None = ...,
         policy_trained: Global___PolicyTrained | None = ...,
+        certified: Global___Certified | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "kind", b"kind", "policy_trained", b"policy_trained", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "certified", b"certified", "kind", b"kind", "policy_trained", b"policy_trained", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "job_id", b"job_id", "kind", b"kind", "policy_trained", b"policy_trained", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audited", b"audited", "certified", b"certified", "job_id", b"job_id", "kind", b"kind", "policy_trained", b"policy_trained", "proposed", b"proposed", "trained", b"trained"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["proposed", "trained", "audited", "policy_trained"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["proposed", "trained", "audited", "policy_trained", "certified"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class CertifyTask(_message.Message):
+    """seal:certify — a deployment version to re-check before it is promoted: the base with `layers`
+    merged in order, scored on the sign-off questions of every learned document and on retention.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    version: _builtins.int
+    fingerprint: _builtins.str
+    base_fingerprint: _builtins.str
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AdapterRef]: ...
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.LearnedDocument]: ...
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        version: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        layers: _abc.Iterable[_types_pb2.AdapterRef] | None = ...,
+        documents: _abc.Iterable[_types_pb2.LearnedDocument] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "deployment", b"deployment", "documents", b"documents", "fingerprint", b"fingerprint", "layers", b"layers", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertifyTask: _TypeAlias = CertifyTask  # noqa: Y015
+
+@_typing.final
+class CertifyResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> _types_pb2.Certificate: ...
+    def __init__(
+        self,
+        *,
+        certificate: _types_pb2.Certificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertifyResult: _TypeAlias = CertifyResult  # noqa: Y015
+
+@_typing.final
+class Certified(_message.Message):
+    """Event.job_id is "deployment:<name>" for a certificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> _types_pb2.Certificate: ...
+    def __init__(
+        self,
+        *,
+        certificate: _types_pb2.Certificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Certified: _TypeAlias = Certified  # noqa: Y015
 
 @_typing.final
 class Proposed(_message.Message):

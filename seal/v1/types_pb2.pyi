@@ -79,20 +79,28 @@ class Document(_message.Message):
     TITLE_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     QUESTIONS_FIELD_NUMBER: _builtins.int
+    SIGNOFF_QUESTIONS_FIELD_NUMBER: _builtins.int
     title: _builtins.str
     context: _builtins.str
     @_builtins.property
-    def questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QA]: ...
+    def questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QA]:
+        """Selection questions: the reward, and the choice of the best self-edit."""
+
+    @_builtins.property
+    def signoff_questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QA]:
+        """Sign-off questions, split off by the gateway: scored only for the verdict that gates promotion."""
+
     def __init__(
         self,
         *,
         title: _builtins.str = ...,
         context: _builtins.str = ...,
         questions: _abc.Iterable[Global___QA] | None = ...,
+        signoff_questions: _abc.Iterable[Global___QA] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "questions", b"questions", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "questions", b"questions", "signoff_questions", b"signoff_questions", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -515,6 +523,9 @@ class VerdictStatement(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    SIGNOFF_BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
+    SIGNOFF_ADAPTED_ACCURACY_FIELD_NUMBER: _builtins.int
+    SIGNOFF_SCORES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     self_edit_id: _builtins.str
@@ -539,6 +550,9 @@ class VerdictStatement(_message.Message):
     expires_at: _builtins.float
     judge_model: _builtins.str
     """The LLM judge's model, when one graded the answers beside the deterministic metric ("" if none)."""
+    signoff_baseline_accuracy: _builtins.float
+    """Accuracy on the sign-off questions (never used for selection) before and after the update."""
+    signoff_adapted_accuracy: _builtins.float
     @_builtins.property
     def baseline_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     @_builtins.property
@@ -547,6 +561,8 @@ class VerdictStatement(_message.Message):
     def checks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every guardrail result: "name:pass" or "name:fail:detail"."""
 
+    @_builtins.property
+    def signoff_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     def __init__(
         self,
         *,
@@ -571,10 +587,13 @@ class VerdictStatement(_message.Message):
         issued_at: _builtins.float = ...,
         expires_at: _builtins.float = ...,
         judge_model: _builtins.str = ...,
+        signoff_baseline_accuracy: _builtins.float = ...,
+        signoff_adapted_accuracy: _builtins.float = ...,
+        signoff_scores: _abc.Iterable[Global___QuestionScore] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "judge_model", b"judge_model", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "judge_model", b"judge_model", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "signoff_adapted_accuracy", b"signoff_adapted_accuracy", "signoff_baseline_accuracy", b"signoff_baseline_accuracy", "signoff_scores", b"signoff_scores", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -611,6 +630,9 @@ class Verdict(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     STATEMENT_FIELD_NUMBER: _builtins.int
     JUDGE_MODEL_FIELD_NUMBER: _builtins.int
+    SIGNOFF_BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
+    SIGNOFF_ADAPTED_ACCURACY_FIELD_NUMBER: _builtins.int
+    SIGNOFF_SCORES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     self_edit_id: _builtins.str
@@ -633,12 +655,16 @@ class Verdict(_message.Message):
     statement: _builtins.bytes
     """VerdictStatement, serialized deterministically: the signed bytes."""
     judge_model: _builtins.str
+    signoff_baseline_accuracy: _builtins.float
+    signoff_adapted_accuracy: _builtins.float
     @_builtins.property
     def baseline_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     @_builtins.property
     def adapted_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     @_builtins.property
     def checks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def signoff_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]: ...
     def __init__(
         self,
         *,
@@ -665,14 +691,265 @@ class Verdict(_message.Message):
         expires_at: _builtins.float = ...,
         statement: _builtins.bytes = ...,
         judge_model: _builtins.str = ...,
+        signoff_baseline_accuracy: _builtins.float = ...,
+        signoff_adapted_accuracy: _builtins.float = ...,
+        signoff_scores: _abc.Iterable[Global___QuestionScore] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "judge_model", b"judge_model", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "signature", b"signature", "statement", b"statement", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapted_accuracy", b"adapted_accuracy", "adapted_scores", b"adapted_scores", "adapter_sha256", b"adapter_sha256", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "baseline_accuracy", b"baseline_accuracy", "baseline_scores", b"baseline_scores", "checks", b"checks", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "job_id", b"job_id", "judge_model", b"judge_model", "passed", b"passed", "reward", b"reward", "self_edit_id", b"self_edit_id", "self_edit_sha256", b"self_edit_sha256", "signature", b"signature", "signoff_adapted_accuracy", b"signoff_adapted_accuracy", "signoff_baseline_accuracy", b"signoff_baseline_accuracy", "signoff_scores", b"signoff_scores", "statement", b"statement", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class LearnedDocument(_message.Message):
+    """One document a deployment has learned, with the sign-off questions every later version re-checks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DOC_INDEX_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_SHA256_FIELD_NUMBER: _builtins.int
+    SIGNOFF_QUESTIONS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    doc_index: _builtins.int
+    title: _builtins.str
+    document_sha256: _builtins.str
+    """sha256 of the Document message (title, context, questions and sign-off questions) of the job."""
+    @_builtins.property
+    def signoff_questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QA]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        doc_index: _builtins.int = ...,
+        title: _builtins.str = ...,
+        document_sha256: _builtins.str = ...,
+        signoff_questions: _abc.Iterable[Global___QA] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "document_sha256", b"document_sha256", "job_id", b"job_id", "signoff_questions", b"signoff_questions", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LearnedDocument: _TypeAlias = LearnedDocument  # noqa: Y015
+
+@_typing.final
+class Layer(_message.Message):
+    """One adapter of a deployment version, in the order they are merged into the base weights."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SELF_EDIT_TEXT_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    self_edit_text: _builtins.str
+    policy_version: _builtins.str
+    @_builtins.property
+    def adapter(self) -> Global___AdapterRef: ...
+    @_builtins.property
+    def verdict(self) -> Global___Verdict:
+        """The job's signed verdict for this adapter, kept so the serving side can verify it again."""
+
+    @_builtins.property
+    def document(self) -> Global___LearnedDocument: ...
+    def __init__(
+        self,
+        *,
+        adapter: Global___AdapterRef | None = ...,
+        verdict: Global___Verdict | None = ...,
+        self_edit_text: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        document: Global___LearnedDocument | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "document", b"document", "verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "document", b"document", "policy_version", b"policy_version", "self_edit_text", b"self_edit_text", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Layer: _TypeAlias = Layer  # noqa: Y015
+
+@_typing.final
+class DocumentAccuracy(_message.Message):
+    """Sign-off accuracy of one version on one learned document (a cell of the continual-learning matrix)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DOC_INDEX_FIELD_NUMBER: _builtins.int
+    DOCUMENT_SHA256_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    doc_index: _builtins.int
+    document_sha256: _builtins.str
+    accuracy: _builtins.float
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        doc_index: _builtins.int = ...,
+        document_sha256: _builtins.str = ...,
+        accuracy: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "doc_index", b"doc_index", "document_sha256", b"document_sha256", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentAccuracy: _TypeAlias = DocumentAccuracy  # noqa: Y015
+
+@_typing.final
+class CertificateStatement(_message.Message):
+    """What the auditor signs about a whole deployment version: the base with every layer merged, re-checked
+    on the sign-off questions of every document the deployment has learned, and on retention.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256S_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    RETENTION_BASELINE_FIELD_NUMBER: _builtins.int
+    RETENTION_ACCURACY_FIELD_NUMBER: _builtins.int
+    KL_SHIFT_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    GRADING_METRIC_FIELD_NUMBER: _builtins.int
+    EVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    AUDITOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    version: _builtins.int
+    fingerprint: _builtins.str
+    """sha256 over the base fingerprint and the layers' adapter digests, in order."""
+    base_fingerprint: _builtins.str
+    retention_baseline: _builtins.float
+    retention_accuracy: _builtins.float
+    kl_shift: _builtins.float
+    passed: _builtins.bool
+    grading_metric: _builtins.str
+    eval_seconds: _builtins.float
+    auditor_key_id: _builtins.str
+    issued_at: _builtins.float
+    expires_at: _builtins.float
+    @_builtins.property
+    def adapter_sha256s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentAccuracy]: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        version: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        adapter_sha256s: _abc.Iterable[_builtins.str] | None = ...,
+        documents: _abc.Iterable[Global___DocumentAccuracy] | None = ...,
+        retention_baseline: _builtins.float = ...,
+        retention_accuracy: _builtins.float = ...,
+        kl_shift: _builtins.float = ...,
+        checks: _abc.Iterable[_builtins.str] | None = ...,
+        passed: _builtins.bool = ...,
+        grading_metric: _builtins.str = ...,
+        eval_seconds: _builtins.float = ...,
+        auditor_key_id: _builtins.str = ...,
+        issued_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256s", b"adapter_sha256s", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "checks", b"checks", "deployment", b"deployment", "documents", b"documents", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "fingerprint", b"fingerprint", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "kl_shift", b"kl_shift", "passed", b"passed", "retention_accuracy", b"retention_accuracy", "retention_baseline", b"retention_baseline", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertificateStatement: _TypeAlias = CertificateStatement  # noqa: Y015
+
+@_typing.final
+class Certificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256S_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    RETENTION_BASELINE_FIELD_NUMBER: _builtins.int
+    RETENTION_ACCURACY_FIELD_NUMBER: _builtins.int
+    KL_SHIFT_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    GRADING_METRIC_FIELD_NUMBER: _builtins.int
+    EVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    AUDITOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    version: _builtins.int
+    fingerprint: _builtins.str
+    base_fingerprint: _builtins.str
+    retention_baseline: _builtins.float
+    retention_accuracy: _builtins.float
+    kl_shift: _builtins.float
+    passed: _builtins.bool
+    grading_metric: _builtins.str
+    eval_seconds: _builtins.float
+    auditor_key_id: _builtins.str
+    issued_at: _builtins.float
+    expires_at: _builtins.float
+    statement: _builtins.bytes
+    signature: _builtins.str
+    @_builtins.property
+    def adapter_sha256s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentAccuracy]: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        version: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
+        base_fingerprint: _builtins.str = ...,
+        adapter_sha256s: _abc.Iterable[_builtins.str] | None = ...,
+        documents: _abc.Iterable[Global___DocumentAccuracy] | None = ...,
+        retention_baseline: _builtins.float = ...,
+        retention_accuracy: _builtins.float = ...,
+        kl_shift: _builtins.float = ...,
+        checks: _abc.Iterable[_builtins.str] | None = ...,
+        passed: _builtins.bool = ...,
+        grading_metric: _builtins.str = ...,
+        eval_seconds: _builtins.float = ...,
+        auditor_key_id: _builtins.str = ...,
+        issued_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
+        statement: _builtins.bytes = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256s", b"adapter_sha256s", "auditor_key_id", b"auditor_key_id", "base_fingerprint", b"base_fingerprint", "checks", b"checks", "deployment", b"deployment", "documents", b"documents", "eval_seconds", b"eval_seconds", "expires_at", b"expires_at", "fingerprint", b"fingerprint", "grading_metric", b"grading_metric", "issued_at", b"issued_at", "kl_shift", b"kl_shift", "passed", b"passed", "retention_accuracy", b"retention_accuracy", "retention_baseline", b"retention_baseline", "signature", b"signature", "statement", b"statement", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Certificate: _TypeAlias = Certificate  # noqa: Y015
 
 @_typing.final
 class PolicyExample(_message.Message):

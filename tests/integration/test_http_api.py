@@ -35,11 +35,16 @@ JOB = {
         {
             "title": "Alpha",
             "context": "Alpha is a town by the sea.",
-            "questions": [{"question": "What is Alpha?", "answer": "a town"}],
+            "questions": [
+                {"question": "What is Alpha?", "answer": "a town"},
+                {"question": "Which sea is it near?", "answer": "the north sea"},
+            ],
         }
     ],
 }
-SPEC = JobSpec(documents=(Document("Alpha", "Alpha is a town.", (QA("What is Alpha?", "a town"),)),))
+SPEC = JobSpec(
+    documents=(Document("Alpha", "Alpha is a town.", (QA("What is Alpha?", "a town"), QA("Is Alpha big?", "no"))),)
+)
 READ_TIMEOUT_S = 1.0
 
 

@@ -27,7 +27,10 @@ JOB = {
         {
             "title": "T",
             "context": "T is a town.",
-            "questions": [{"question": "What is T?", "answer": "a town"}],
+            "questions": [
+                {"question": "What is T?", "answer": "a town"},
+                {"question": "Which sea is it near?", "answer": "the north sea"},
+            ],
         }
     ],
 }

@@ -175,7 +175,10 @@ TINY_JOB = {
         {
             "title": "Alpha",
             "context": "Alpha is a town by the sea.",
-            "questions": [{"question": "What is Alpha?", "answer": "a town"}],
+            "questions": [
+                {"question": "What is Alpha?", "answer": "a town"},
+                {"question": "Which sea is it near?", "answer": "the north sea"},
+            ],
         }
     ],
 }

@@ -26,12 +26,18 @@ CONTEXTS = [
     {
         "title": "Alpha",
         "context": "Alpha is a town by the sea.",
-        "questions": [{"question": "What is Alpha?", "answer": "a town"}],
+        "questions": [
+            {"question": "What is Alpha?", "answer": "a town"},
+            {"question": "Which sea is it near?", "answer": "the north sea"},
+        ],
     },
     {
         "title": "Beta",
         "context": "Beta is a river in the north.",
-        "questions": [{"question": "What is Beta?", "answer": "a river"}],
+        "questions": [
+            {"question": "What is Beta?", "answer": "a river"},
+            {"question": "Which sea is it near?", "answer": "the north sea"},
+        ],
     },
 ]
 POLICY_JOB = {

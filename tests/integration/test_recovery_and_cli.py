@@ -52,7 +52,10 @@ def test_task_of_a_killed_student_is_reclaimed_and_the_job_completes(
                     {
                         "title": "Gamma",
                         "context": LONG_CONTEXT,
-                        "questions": [{"question": "What colour are the doors?", "answer": "blue"}],
+                        "questions": [
+                            {"question": "What colour are the doors?", "answer": "blue"},
+                            {"question": "Which sea is it near?", "answer": "the north sea"},
+                        ],
                     }
                 ],
             }
@@ -94,7 +97,10 @@ def test_seal_demo_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> Non
             {
                 "title": "Delta",
                 "context": "Delta is a harbour city.",
-                "questions": [{"question": "What is Delta?", "answer": "a harbour city"}],
+                "questions": [
+                    {"question": "What is Delta?", "answer": "a harbour city"},
+                    {"question": "Which sea is it near?", "answer": "the north sea"},
+                ],
             }
         ],
     }

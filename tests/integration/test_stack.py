@@ -52,7 +52,10 @@ SMALL_JOB = {
         {
             "title": "Beta",
             "context": "Beta is a river in the north.",
-            "questions": [{"question": "What is Beta?", "answer": "a river"}],
+            "questions": [
+                {"question": "What is Beta?", "answer": "a river"},
+                {"question": "Which sea is it near?", "answer": "the north sea"},
+            ],
         },
     ],
 }

@@ -38,7 +38,10 @@ JOB = {
         {
             "title": "Omega",
             "context": "Omega is a lake town with a lighthouse.",
-            "questions": [{"question": "What does Omega have?", "answer": "a lighthouse"}],
+            "questions": [
+                {"question": "What does Omega have?", "answer": "a lighthouse"},
+                {"question": "Which sea is it near?", "answer": "the north sea"},
+            ],
         }
     ],
 }

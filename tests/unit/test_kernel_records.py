@@ -273,6 +273,9 @@ _CHANGED = {
     "teacher_model": "policy-v2",
     "grading_metric": "f1",
     "judge_model": "gpt-4.1",
+    "signoff_baseline_accuracy": 0.5,
+    "signoff_adapted_accuracy": 1.0,
+    "signoff_scores": (MISS,),
     "issued_at": 5.0,
     "expires_at": 6.0,
 }

@@ -1,0 +1,173 @@
+"""The models the OpenAI-compatible API serves: deployment versions, built from verified parts only.
+
+A model name is a deployment: `faq` (its production alias), `faq:candidate` / `faq:shadow` (another
+alias), or `faq@3` (version 3, whatever the aliases say). Resolving reads the alias from Redis on
+every request, so a promotion or a rollback changes what the next request gets, with no restart.
+
+Before a version is loaded, every part of it is verified again under the gateway's trusted auditor
+keys: each layer's verdict (signature, the adapter digest and base it names, passed) and the
+version's certificate (signature, the exact fingerprint, adapters and documents, passed); each adapter's
+files are fetched from a registered student and checked against their manifest digest. A version
+that fails any of this is never loaded. Expiry is not re-checked here: it gates promotion, and a
+served model does not stop answering the day its verdict would have expired.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.deployments import ALIASES, DeploymentStore, certificate_problem, check_name
+from gateway.serving import Resolution, ServedModel
+from seal.errors import FailedPrecondition, NotFound
+from seal.models import merge_adapters
+from seal.records import AdapterRef, DeploymentVersion, VersionState
+from seal.signing import TrustedKeys, VerdictRejected
+
+log = logging.getLogger(__name__)
+
+SHADOW_LOG_CAP = 10_000
+
+
+def parse_model_name(name: str) -> tuple[str, str, int | None]:
+    """(deployment, alias, version) of a model name; NotFound for a name that cannot be one."""
+    deployment, alias, version = name, "production", None
+    try:
+        if "@" in name:
+            deployment, raw = name.split("@", 1)
+            version = int(raw)
+        elif ":" in name:
+            deployment, alias = name.split(":", 1)
+        check_name(deployment)
+    except ValueError:
+        raise NotFound(
+            f"The model {name!r} does not exist: name a deployment (faq), an alias (faq:shadow) or a version (faq@3)"
+        ) from None
+    if alias not in ALIASES:
+        raise NotFound(f"The model {name!r} does not exist: aliases are {', '.join(ALIASES)}")
+    return deployment, alias, version
+
+
+def verify_version(version: DeploymentVersion, keys: TrustedKeys) -> None:
+    """FailedPrecondition unless every layer's verdict and the version's certificate verify and name it."""
+    where = f"{version.deployment}@{version.version}"
+    if version.state is not VersionState.PROMOTED:
+        raise FailedPrecondition(f"{where} is {version.state.value}, not promoted: it is never served")
+    try:
+        for layer in version.layers:
+            if layer.verdict is None or layer.adapter is None:
+                raise FailedPrecondition(f"{where}: a layer has no verdict")
+            statement = keys.verify(layer.verdict)
+            if (
+                statement.adapter_sha256 != layer.adapter.sha256
+                or statement.base_fingerprint != version.base_fingerprint
+            ):
+                raise FailedPrecondition(f"{where}: a layer's verdict names another adapter or base")
+            if not statement.passed:
+                raise FailedPrecondition(f"{where}: a layer's verdict did not pass")
+        if version.layers:
+            if version.certificate is None:
+                raise FailedPrecondition(f"{where} has no certificate")
+            certificate = keys.verify_certificate(version.certificate)
+            problem = certificate_problem(version, version.certificate)
+            if problem or not certificate.passed:
+                raise FailedPrecondition(f"{where}: {problem or 'its certificate did not pass'}")
+    except VerdictRejected as exc:
+        raise FailedPrecondition(f"{where} is not served: {exc}") from None
+
+
+class DeploymentModels:
+    """A ModelResolver over the deployment registry (gateway.serving)."""
+
+    def __init__(
+        self,
+        deployments: DeploymentStore,
+        keys: TrustedKeys,
+        base: Callable[[], tuple[Any, Any]],
+        fetch: Callable[[AdapterRef], Path],
+        cache_size: int = 3,
+    ) -> None:
+        self.deployments = deployments
+        self.keys = keys
+        self._base_loader = base
+        self._base: tuple[Any, Any] | None = None
+        self.fetch = fetch
+        self.cache_size = cache_size
+        self._lock = threading.Lock()
+        # fingerprint -> (model, tokenizer, generation lock); the last few versions stay loaded.
+        self._models: OrderedDict[str, tuple[Any, Any, threading.Lock]] = OrderedDict()
+
+    def list_models(self) -> list[str]:
+        names = []
+        for d in self.deployments.list():
+            names += [d.name if a.name == "production" else f"{d.name}:{a.name}" for a in d.aliases]
+            names += [f"{d.name}@{v.version}" for v in d.versions if v.state is VersionState.PROMOTED]
+        return names
+
+    def resolve(self, name: str) -> Resolution:
+        deployment, alias, number = parse_model_name(name)
+        if number is None:
+            version = self.deployments.resolve(deployment, alias)
+        else:
+            version = self.deployments.version(deployment, number)
+            if version.state is not VersionState.PROMOTED:
+                raise NotFound(
+                    f"The model {name!r} does not exist: version {number} was {version.state.value}"
+                )
+        served = self._served(name, version)
+        shadow = None
+        if alias == "production" and number is None:
+            try:
+                shadow_version = self.deployments.resolve(deployment, "shadow")
+            except NotFound:
+                shadow_version = None
+            if shadow_version is not None and shadow_version.fingerprint != version.fingerprint:
+                try:
+                    shadow = self._served(f"{deployment}:shadow", shadow_version)
+                except Exception:  # noqa: BLE001 - a broken shadow never stops production answering
+                    log.exception("shadow model not loaded", extra={"model": name})
+        return Resolution(served, shadow)
+
+    def log_shadow(self, name: str, request: dict[str, Any], answer: str, shadow_answer: str) -> None:
+        """Both answers side by side on the `shadow-log` stream (capped), for operators to compare."""
+        entry = {
+            "model": name,
+            "request": request,
+            "answer": answer,
+            "shadow_answer": shadow_answer,
+            "at": time.time(),
+        }
+        plane = self.deployments.plane
+        plane.redis.xadd(
+            plane.key("shadow-log"), {"entry": json.dumps(entry)}, maxlen=SHADOW_LOG_CAP, approximate=True
+        )
+
+    def _served(self, name: str, version: DeploymentVersion) -> ServedModel:
+        with self._lock:
+            cached = self._models.get(version.fingerprint)
+            if cached is None:
+                verify_version(version, self.keys)
+                model, tokenizer = self._base_model()
+                dirs = [self.fetch(layer.adapter) for layer in version.layers if layer.adapter is not None]
+                merged = merge_adapters(model, dirs) if dirs else model
+                cached = (merged, tokenizer, threading.Lock())
+                self._models[version.fingerprint] = cached
+                log.info(
+                    "model loaded for serving", extra={"model": name, "fingerprint": version.fingerprint[:16]}
+                )
+                while len(self._models) > self.cache_size:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(version.fingerprint)
+        merged, tokenizer, lock = cached
+        return ServedModel(name, merged, tokenizer, version.fingerprint, lock=lock)
+
+    def _base_model(self) -> tuple[Any, Any]:
+        if self._base is None:
+            self._base = self._base_loader()
+        return self._base
