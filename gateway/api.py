@@ -20,7 +20,7 @@ from gateway.core import TERMINAL_STATES
 from gateway.deployments import DeploymentStore
 from gateway.jobs import JobPage, JobStore
 from seal import metrics
-from seal.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from seal.errors import FailedPrecondition, InvalidArgument, Refused, ResourceExhausted
 from seal.records import (
     Approval,
     Deployment,
@@ -129,9 +129,10 @@ class GatewayApi:
         if self.deployments is not None:
             switch = self.deployments.kill_switch()
             if switch.on:
-                raise FailedPrecondition(
-                    f"kill_switch: adaptation is stopped ({switch.reason}, by {switch.actor or 'anonymous'}); "
-                    "an operator turns it off with `seal kill-switch off`"
+                raise Refused(
+                    "kill_switch",
+                    f"adaptation is stopped ({switch.reason}, by {switch.actor or 'anonymous'}); "
+                    "an operator turns it off with `seal kill-switch off`",
                 )
 
     def _audit(self, kind: str, principal: Principal, subject: str, body: dict[str, Any]) -> None:
@@ -178,6 +179,16 @@ class GatewayApi:
     def set_kill_switch(self, on: bool, reason: str, principal: Principal = ANONYMOUS) -> KillSwitch:
         authorize(principal, "set_kill_switch")
         return self._registry().set_kill_switch(on, reason, actor_of(principal))
+
+    def kill_switch_state(self) -> dict[str, Any] | None:
+        """The kill switch as /healthz shows it (no caller needed: health is public); None without a registry."""
+        if self.deployments is None:
+            return None
+        try:
+            state = self.deployments.kill_switch()
+        except redis.RedisError:
+            return None
+        return {"on": state.on, "reason": state.reason} if state.on else {"on": False}
 
     def get_kill_switch(self, principal: Principal = ANONYMOUS) -> KillSwitch:
         authorize(principal, "get_kill_switch")

@@ -63,6 +63,11 @@ ACTION_ROLES: dict[str, frozenset[Role]] = {
     "list_policies": frozenset({Role.SUBMITTER, Role.OPERATOR}),
     "get_policy": frozenset({Role.SUBMITTER, Role.OPERATOR}),
     "use_model": frozenset({Role.SUBMITTER, Role.OPERATOR}),  # the OpenAI-compatible serving API
+    # The registry is readable by every tenant (they call its models); changing it is an operator's:
+    # promote, approve, rollback and set_kill_switch are not listed, so they need the operator role.
+    "list_deployments": frozenset({Role.SUBMITTER, Role.OPERATOR}),
+    "get_deployment": frozenset({Role.SUBMITTER, Role.OPERATOR}),
+    "get_kill_switch": frozenset({Role.SUBMITTER, Role.OPERATOR}),
 }
 GRPC_ACTIONS = {
     "/seal.v1.Gateway/SubmitJob": "submit_job",
@@ -70,6 +75,13 @@ GRPC_ACTIONS = {
     "/seal.v1.Gateway/WatchJob": "watch_job",
     "/seal.v1.Gateway/ListPolicies": "list_policies",
     "/seal.v1.Gateway/GetPolicy": "get_policy",
+    "/seal.v1.Gateway/Promote": "promote",
+    "/seal.v1.Gateway/Approve": "approve",
+    "/seal.v1.Gateway/Rollback": "rollback",
+    "/seal.v1.Gateway/ListDeployments": "list_deployments",
+    "/seal.v1.Gateway/GetDeployment": "get_deployment",
+    "/seal.v1.Gateway/SetKillSwitch": "set_kill_switch",
+    "/seal.v1.Gateway/GetKillSwitch": "get_kill_switch",
 }
 
 

@@ -42,7 +42,7 @@ import redis
 from gateway.events import NotRecordedYet, expected_for
 from gateway.jobs import JobStore
 from seal.digests import document_sha256
-from seal.errors import FailedPrecondition, InvalidArgument, NotFound
+from seal.errors import FailedPrecondition, InvalidArgument, NotFound, Refused
 from seal.records import (
     Alias,
     Approval,
@@ -72,13 +72,8 @@ AuditHook = Callable[[str, str, str, dict[str, Any]], None]
 """(kind, actor, subject, body): where every registry change is written (the audit log)."""
 
 
-class PromotionRefused(FailedPrecondition):
+class PromotionRefused(Refused):
     """A promotion the registry will not make; `code` names the check that refused it."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 def check_name(name: str) -> str:

@@ -5,8 +5,15 @@
   GET  /v1/jobs/{id}            the job
   GET  /v1/jobs/{id}/watch      server-sent events: `event: job` with the job each time it changes,
                                 until it is finished
-  GET  /healthz                 200 {"status": "serving"}, or 503 {"status": "not_serving"} while
-                                Redis does not answer
+  GET  /v1/policies[/{version}] teacher policy versions
+  GET  /v1/deployments[/{name}] the registry: versions, aliases, lineage, certificates
+  POST /v1/deployments/{name}/promote   {"job_id", "self_edit_id", "run"?, "alias"?}: 202 and the
+                                version being certified; a refusal is 400 with its own code
+  POST /v1/deployments/{name}/approve   {"adapter_sha256", "comment"?}
+  POST /v1/deployments/{name}/rollback  {"version", "alias"?}
+  GET|PUT /v1/kill-switch       {"on": bool, "reason"}: stops all adaptation and promotion
+  GET  /healthz                 200 {"status": "serving", "kill_switch"}, or 503 {"status":
+                                "not_serving"} while Redis does not answer
   GET  /metrics                 Prometheus
   GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
                                 OpenAI-compatible model serving, where the gateway serves models
@@ -106,7 +113,11 @@ def error_response(exc: BaseException) -> JSONResponse:
     message = str(exc) or type(exc).__name__
     if status == 503 and not isinstance(exc, HttpError):
         message = f"the job store (Redis) does not answer; retry shortly ({message})"
-    return JSONResponse(error_body(status, message, getattr(exc, "field", None)), status, headers)
+    body = error_body(status, message, getattr(exc, "field", None))
+    refusal = getattr(exc, "code", None)
+    if isinstance(refusal, str):  # a promotion refusal: its own code (no_verdict, expired, ...)
+        body["error"]["code"] = refusal
+    return JSONResponse(body, status, headers)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -175,10 +186,56 @@ def build_app(
         policy = await run_in_threadpool(api.get_policy, request.path_params["version"], caller(request))
         return JSONResponse(to_dict(policy))
 
+    async def list_deployments(request: Request) -> Response:
+        deployments = await run_in_threadpool(api.list_deployments, caller(request))
+        return JSONResponse({"deployments": [to_dict(d) for d in deployments]})
+
+    async def get_deployment(request: Request) -> Response:
+        deployment = await run_in_threadpool(api.get_deployment, request.path_params["name"], caller(request))
+        return JSONResponse(to_dict(deployment))
+
+    async def deployment_action(request: Request) -> Response:
+        """POST /v1/deployments/{name}/promote | approve | rollback, with a JSON body."""
+        principal = caller(request)
+        name, action = request.path_params["name"], request.path_params["action"]
+        body = parse_json(await read_body(request, limits)) if action in DEPLOYMENT_ACTIONS else None
+        if body is None:
+            raise HttpError(404, f"no action {action!r}; a deployment takes {', '.join(DEPLOYMENT_ACTIONS)}")
+        if not isinstance(body, dict):
+            raise InvalidArgument("body", "must be a JSON object")
+
+        def run() -> Any:
+            if action == "promote":
+                return api.promote(
+                    name,
+                    _str(body, "job_id"),
+                    _str(body, "self_edit_id"),
+                    _int(body, "run", 0),
+                    _str(body, "alias", "production"),
+                    principal,
+                )
+            if action == "approve":
+                return api.approve(name, _str(body, "adapter_sha256"), _str(body, "comment", ""), principal)
+            return api.rollback(name, _str(body, "alias", "production"), _int(body, "version"), principal)
+
+        result = await run_in_threadpool(run)
+        return JSONResponse(to_dict(result), 202 if action == "promote" else 200)
+
+    async def kill_switch(request: Request) -> Response:
+        principal = caller(request)
+        if request.method == "GET":
+            return JSONResponse(to_dict(await run_in_threadpool(api.get_kill_switch, principal)))
+        body = parse_json(await read_body(request, limits))
+        if not isinstance(body, dict) or not isinstance(body.get("on"), bool):
+            raise InvalidArgument("on", 'the body must be {"on": true|false, "reason": "..."}')
+        state = await run_in_threadpool(api.set_kill_switch, body["on"], _str(body, "reason", ""), principal)
+        return JSONResponse(to_dict(state))
+
     async def healthz(request: Request) -> Response:
+        switch = await run_in_threadpool(api.kill_switch_state)
         if is_serving():
-            return JSONResponse({"status": "serving"})
-        return JSONResponse({"status": "not_serving"}, 503)
+            return JSONResponse({"status": "serving", "kill_switch": switch})
+        return JSONResponse({"status": "not_serving", "kill_switch": switch}, 503)
 
     async def route_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -205,6 +262,10 @@ def build_app(
         Route("/v1/jobs/{job_id}/watch", _json_errors(watch_job), methods=["GET"]),
         Route("/v1/policies", _json_errors(list_policies), methods=["GET"]),
         Route("/v1/policies/{version}", _json_errors(get_policy), methods=["GET"]),
+        Route("/v1/deployments", _json_errors(list_deployments), methods=["GET"]),
+        Route("/v1/deployments/{name}", _json_errors(get_deployment), methods=["GET"]),
+        Route("/v1/deployments/{name}/{action}", _json_errors(deployment_action), methods=["POST"]),
+        Route("/v1/kill-switch", _json_errors(kill_switch), methods=["GET", "PUT"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", _AsgiEndpoint(make_asgi_app()), methods=["GET"]),
         *extra_routes,
@@ -220,6 +281,25 @@ def build_app(
     app = Starlette(routes=routes, exception_handlers={HTTPException: route_error}, lifespan=lifespan)
     app.add_middleware(ConcurrencyLimit, limit=limits.max_concurrency, wait_s=limits.queue_wait_s)
     return app
+
+
+DEPLOYMENT_ACTIONS = ("promote", "approve", "rollback")
+
+
+def _str(body: dict[str, Any], name: str, default: str | None = None) -> str:
+    value = body.get(name, default)
+    if not isinstance(value, str) or (default is None and not value):
+        raise InvalidArgument(
+            name, f"must be a {'non-empty ' if default is None else ''}string, got {value!r}"
+        )
+    return value
+
+
+def _int(body: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(name, f"must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _int_param(raw: str, name: str) -> int:

@@ -29,6 +29,16 @@ class FailedPrecondition(PermanentError):
     """The system is not in a state where this can run (e.g. a backend that cannot train a policy)."""
 
 
+class Refused(FailedPrecondition):
+    """A refusal with a code of its own (no_verdict, expired, kill_switch, ...) that clients can branch
+    on: gRPC FAILED_PRECONDITION with "<code>: <message>", HTTP 400 with {"error": {"code": <code>}}."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
 class Unauthenticated(Exception):
     """No credentials, or credentials nobody issued (a missing or unknown API token)."""
 

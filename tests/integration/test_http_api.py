@@ -43,7 +43,9 @@ JOB = {
     ],
 }
 SPEC = JobSpec(
-    documents=(Document("Alpha", "Alpha is a town.", (QA("What is Alpha?", "a town"), QA("Is Alpha big?", "no"))),)
+    documents=(
+        Document("Alpha", "Alpha is a town.", (QA("What is Alpha?", "a town"), QA("Is Alpha big?", "no"))),
+    )
 )
 READ_TIMEOUT_S = 1.0
 
@@ -221,7 +223,10 @@ def test_routes_ids_and_methods_that_do_not_exist_are_json_404_and_405(gateway: 
 
 
 def test_health_and_metrics_need_no_token(gateway: Gateway) -> None:
-    assert gateway.request("GET", "/healthz", who=None) == (200, {"status": "serving"})
+    assert gateway.request("GET", "/healthz", who=None) == (
+        200,
+        {"status": "serving", "kill_switch": {"on": False}},
+    )
     status, text = gateway.request("GET", "/metrics", who=None)
     assert status == 200 and b"# HELP" in text
 
@@ -359,7 +364,7 @@ def test_redis_down_is_unavailable_and_not_serving_then_recovers(tmp_path: Path)
         gw.submit()
         own.stop()
         eventually(lambda: grpc_health() == health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert gw.request("GET", "/healthz") == (503, {"status": "not_serving"})
+        assert gw.request("GET", "/healthz") == (503, {"status": "not_serving", "kill_switch": None})
         with pytest.raises(grpc.RpcError) as err:
             gw.client("alice").submit(SPEC)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -370,7 +375,7 @@ def test_redis_down_is_unavailable_and_not_serving_then_recovers(tmp_path: Path)
 
         own = start_redis(port=port)
         eventually(lambda: grpc_health() == health_pb2.HealthCheckResponse.SERVING)
-        assert gw.request("GET", "/healthz") == (200, {"status": "serving"})
+        assert gw.request("GET", "/healthz") == (200, {"status": "serving", "kill_switch": {"on": False}})
         assert gw.submit()
     finally:
         gw.process.drain(grace_s=1)
@@ -430,3 +435,48 @@ def test_requests_over_the_concurrency_limit_get_a_json_503_and_health_still_ans
         assert status == 200
     finally:
         server.stop()
+
+
+def test_the_registry_over_http_reads_for_everyone_changes_for_operators_with_coded_refusals(
+    gateway: Gateway,
+) -> None:
+    assert gateway.request("GET", "/v1/deployments") == (200, {"deployments": []})
+    status, answer = gateway.request("GET", "/v1/deployments/faq")
+    assert status == 404 and "no deployment 'faq'" in answer["error"]["message"]
+    job_id = gateway.submit()
+    promote = {"job_id": job_id, "self_edit_id": f"{job_id}/0/0"}
+    status, answer = gateway.request("POST", "/v1/deployments/faq/promote", promote)
+    assert status == 403  # a submitter cannot promote
+    status, answer = gateway.request("POST", "/v1/deployments/faq/promote", promote, who="root")
+    assert status == 404 and "no self-edit" in answer["error"]["message"]  # nothing proposed yet
+    status, answer = gateway.request("POST", "/v1/deployments/faq/promote", {"job_id": job_id}, who="root")
+    assert status == 400 and answer["error"]["field"] == "self_edit_id"
+    status, answer = gateway.request("POST", "/v1/deployments/faq/retire", {}, who="root")
+    assert status == 404 and "promote, approve, rollback" in answer["error"]["message"]
+
+    status, _ = gateway.request("PUT", "/v1/kill-switch", {"on": True, "reason": "drill"})
+    assert status == 403
+    status, answer = gateway.request("PUT", "/v1/kill-switch", {"on": True, "reason": "drill"}, who="root")
+    assert status == 200 and answer["on"] is True and answer["actor"] == "root"
+    try:
+        assert gateway.request("GET", "/healthz", who=None)[1]["kill_switch"] == {
+            "on": True,
+            "reason": "drill",
+        }
+        status, answer = gateway.request("POST", "/v1/jobs", JOB)
+        assert (
+            status == 400
+            and answer["error"]["code"] == "kill_switch"
+            and "drill" in answer["error"]["message"]
+        )
+        status, answer = gateway.request("POST", "/v1/deployments/faq/promote", promote, who="root")
+        assert status == 400 and answer["error"]["code"] == "kill_switch"
+        with pytest.raises(grpc.RpcError) as err:
+            gateway.client("alice").submit(SPEC)
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "kill_switch" in err.value.details()
+        )
+    finally:
+        status, answer = gateway.request("PUT", "/v1/kill-switch", {"on": False}, who="root")
+    assert status == 200 and answer["on"] is False
+    assert gateway.request("GET", "/v1/kill-switch")[1]["on"] is False
