@@ -107,11 +107,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         job = client.submit(spec)
         print(f"job {job.id}: {len(spec.documents)} passages × {spec.n_self_edits} self-edits", flush=True)
         job = watch_with_progress(client, job.id)
+        print(render_table(job), flush=True)
+        if stack is not None and job.state.value == "succeeded":
+            from seal.deploy_cli import promote_and_ask
+
+            print("\n".join(promote_and_ask(client, job, stack.http_address, token)), flush=True)
         peaks = stack.peak_rss_mb() if stack is not None else {}
     finally:
         if stack is not None:
             stack.stop()
-    print(render_table(job))
     if peaks:
         print("\npeak resident memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
     print(f"\nwall time: {time.monotonic() - started:.0f} s")
@@ -144,7 +148,8 @@ def watch_with_progress(client: Any, job_id: str) -> Any:
 
 def render_table(job: Any) -> str:
     """Per passage: accuracy with no adaptation, after the passage alone, the mean over the sampled
-    self-edits, and the best self-edit (chosen on the same questions: an oracle, labelled so).
+    self-edits, and the best self-edit (chosen on the same questions: an oracle, labelled so), all on
+    the selection questions; then the best one's accuracy on the held-out sign-off questions.
     A policy-training job shows its rounds instead."""
     lines = []
     if job.error:
@@ -153,7 +158,7 @@ def render_table(job: Any) -> str:
         return "\n".join(lines + render_rounds(job))
     header = (
         f"{'passage':<32} {'no adaptation':>14} {'passage only':>13} {'self-edits, mean':>17} "
-        f"{'best (oracle)':>14} {'reward':>7}  guardrails of the best"
+        f"{'best (oracle)':>14} {'reward':>7} {'best: sign-off':>15}  checks of the best"
     )
     lines += ["", header, "-" * len(header)]
     for doc in job.documents:
@@ -165,7 +170,7 @@ def render_table(job: Any) -> str:
             f"{_pct(_adapted(control) if control else None):>13} "
             f"{_pct(_mean(sampled) if sampled else None):>17} "
             f"{_pct(_adapted(best) if best else None):>14} "
-            f"{(f'{best.reward:+.2f}' if best else '-'):>7}  {_guardrails(best)}"
+            f"{(f'{best.reward:+.2f}' if best else '-'):>7} {_signoff(best):>15}  {_guardrails(best)}"
         )
     lines += ["", *render_summary(job)]
     return "\n".join(lines)
@@ -205,7 +210,8 @@ def render_summary(job: Any) -> list[str]:
         return []
     sampled = [e.self_edit.generation_seconds for e in edits if e.self_edit.index >= 0]
     failures = {
-        name: sum(name in e.verdict.failed_checks() for e in edits) for name in ("tau_leak", "forgetting")
+        name: sum(name in e.verdict.failed_checks() for e in edits)
+        for name in ("tau_leak", "retention", "kl_shift", "signoff")
     }
     judged = _judge_agreement(job)
     return judged + [
@@ -242,6 +248,15 @@ def _judge_agreement(job: Any) -> list[str]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def _signoff(edit: Any) -> str:
+    """The chosen self-edit's accuracy on the sign-off questions (never used to choose it): before -> after."""
+    runs = [r.verdict for r in edit.runs() if r.verdict is not None] if edit is not None else []
+    if not runs or not any(v.signoff_scores for v in runs):
+        return "-"
+    before, after = runs[0].signoff_baseline_accuracy, _mean([v.signoff_adapted_accuracy for v in runs])
+    return f"{100 * before:.0f}% -> {100 * after:.0f}%"
 
 
 def _guardrails(edit: Any) -> str:

@@ -219,3 +219,71 @@ def _deployments_entry(args: argparse.Namespace) -> int:
         if not args.name:
             raise ValueError("seal deployments show NAME: name the deployment")
     return cmd_deployments(args)
+
+
+def promote_and_ask(
+    client: Any, job: Job, http_address: str, token: str, deployment: str = "demo", timeout_s: float = 600.0
+) -> list[str]:
+    """The end of `seal demo`: promote, document by document, the best sampled self-edit whose verdict
+    passed sign-off and every guardrail; show the continual-learning matrix; then ask the served model
+    a sign-off question of a promoted document through the OpenAI API (base answer beside it)."""
+    import openai
+
+    lines = ["", f"promotion to deployment {deployment!r} (held-out sign-off questions gate it):"]
+    promoted = []
+    for doc in job.documents:
+        passed = [
+            e
+            for e in doc.edits
+            if e.self_edit.index >= 0 and e.verdict is not None and e.verdict.passed and e.reward is not None
+        ]
+        if not passed:
+            why = sorted({c for e in doc.edits if e.verdict for c in e.verdict.failed_checks()}) or [
+                "no gain"
+            ]
+            lines.append(f"  {doc.title[:40]}: no self-edit passed ({', '.join(why)}); nothing promoted")
+            continue
+        best = max(passed, key=lambda e: e.reward or 0.0)
+        try:
+            version = client.promote(deployment, job.id, best.self_edit.id)
+        except grpc.RpcError as exc:
+            lines.append(f"  {doc.title[:40]}: refused: {exc.details()}")
+            continue
+        version = wait_certified(client, deployment, version.version, timeout_s)
+        verdict = best.verdict
+        assert verdict is not None  # chosen among passed verdicts
+        outcome = version.state.value + (
+            f" ({version.refusal_code}: {version.message})" if version.refusal_code else ""
+        )
+        lines.append(
+            f"  {doc.title[:40]}: {best.self_edit.id} sign-off {verdict.signoff_baseline_accuracy:.0%} -> "
+            f"{verdict.signoff_adapted_accuracy:.0%} -> version {version.version} {outcome}"
+        )
+        if version.state is VersionState.PROMOTED:
+            promoted.append(doc)
+    if not promoted:
+        return lines
+    lines += ["", render_deployment(client.get_deployment(deployment))]
+    spec_doc = job.spec.documents[promoted[-1].doc_index]
+    qa = spec_doc.signoff_questions[0]
+    api = openai.OpenAI(
+        base_url=f"http://{http_address}/v1", api_key=token or "none", max_retries=2, timeout=300
+    )
+
+    def ask(model: str) -> str:
+        reply = api.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Topic: {spec_doc.title}\n{qa.question}"}],
+            max_tokens=48,
+            temperature=0,
+        )
+        return (reply.choices[0].message.content or "").strip()
+
+    lines += [
+        "",
+        f"asked through the OpenAI API (POST http://{http_address}/v1/chat/completions):",
+        f"  Q: {qa.question}   (sign-off question; gold: {qa.answer})",
+        f"  model {deployment!r} (production): {ask(deployment)}",
+        f"  model '{deployment}@0' (the base):  {ask(deployment + '@0')}",
+    ]
+    return lines

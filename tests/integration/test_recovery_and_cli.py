@@ -132,7 +132,7 @@ def test_seal_demo_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> Non
     )
     assert "Delta" in result.stdout
     assert "peak resident memory: teacher" in result.stdout
-    assert "guardrail failures: tau_leak 0/2, forgetting" in result.stdout
+    assert "guardrail failures: tau_leak 0/2, retention" in result.stdout
 
 
 def test_seal_up_serves_until_interrupted(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -342,3 +342,43 @@ def test_teacher_proposes_self_edits_over_grpc(stack: LocalStack) -> None:
             stub.ProposeSelfEdits(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("n: must be in [1, 16]")
+
+
+def test_the_kill_switch_stops_every_service_and_shows_in_their_health(
+    stack: LocalStack, client: GatewayClient, finished_job: Job
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gateway.api import parse_job_spec
+    from seal.killswitch import ADAPTATION_HEALTH
+
+    def adaptation(kind: str) -> int:
+        with grpc.insecure_channel(stack.addresses[kind]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=ADAPTATION_HEALTH), timeout=5).status
+
+    def every(status: int) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(adaptation(kind) == status for kind in ("teacher", "student", "auditor")):
+                return True
+            time.sleep(0.5)
+        return False
+
+    serving, stopped = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert every(serving)
+    client.set_kill_switch(True, "drill")
+    try:
+        assert every(stopped)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.submit(parse_job_spec(SMALL_JOB))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.details().startswith("kill_switch: ") and "drill" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as no_promotion:
+            doc = finished_job.documents[0]
+            client.promote("faq", finished_job.id, doc.best_self_edit_id)
+        assert no_promotion.value.details().startswith("kill_switch: ")
+    finally:
+        client.set_kill_switch(False)
+    assert every(serving)
+    assert client.get_kill_switch().on is False
