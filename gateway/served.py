@@ -149,10 +149,12 @@ class DeploymentModels:
         )
 
     def _served(self, name: str, version: DeploymentVersion) -> ServedModel:
+        # Verified on every request, not only when loaded: the cache is keyed by the fingerprint, and
+        # a record edited in Redis under the same fingerprint must not inherit a loaded model.
+        verify_version(version, self.keys)
         with self._lock:
             cached = self._models.get(version.fingerprint)
             if cached is None:
-                verify_version(version, self.keys)
                 model, tokenizer = self._base_model()
                 dirs = [self.fetch(layer.adapter) for layer in version.layers if layer.adapter is not None]
                 merged = merge_adapters(model, dirs) if dirs else model

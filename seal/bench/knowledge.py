@@ -838,9 +838,11 @@ def add_bench_commands(sub: Any) -> None:
     recipe.add_argument("--seed", type=int, default=0, help="shuffle seed of the training passages")
     recipe.set_defaults(func=_with_teacher_default(cmd_recipe))
 
+    from seal.bench.continual import add_continual_command
     from seal.bench.rest_em import add_rest_em_command
 
     add_rest_em_command(sub, default_data_dir())
+    add_continual_command(sub)
 
 
 def _with_teacher_default(

@@ -298,6 +298,15 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
         base = ask("faq@0")
         assert adapted != base  # the promoted adapter changed what the model says
 
+        stream = client.chat.completions.create(
+            model="faq",
+            messages=[{"role": "user", "content": "What does Zeta have?"}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == adapted
+
         api.rollback("faq", "production", 0)
         assert ask("faq") == base  # rolled back: the base's answer, no restart
         api.rollback("faq", "production", 1)
@@ -318,6 +327,27 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
         assert deployments.get("faq").alias("production") == 2
         assert [d.job_id for d in deployments.version("faq", 2).certificate.documents] == [job.id, job2.id]
 
+        # A shadow version answers the same requests after the client has its answer; both are logged.
+        api.rollback("faq", "production", 1)
+        v3 = api.promote("faq", job2.id, edit2.id, alias="shadow")
+        handle(
+            encode(
+                Event(
+                    job_id="deployment:faq",
+                    certified=Certified(certificate=_certify(model, tokenizer, v3, adapters)),
+                )
+            )
+        )
+        assert deployments.get("faq").alias("shadow") == 3
+        assert ask("faq") == adapted  # production (version 1) still answers the client
+        log_key = deployments.plane.key("shadow-log")
+        deadline = time.monotonic() + 30
+        while not jobs.redis.xlen(log_key) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        entry = json.loads(jobs.redis.xrange(log_key)[-1][1][b"entry"])
+        assert entry["model"] == "faq" and entry["answer"] == adapted and "shadow_answer" in entry
+        api.rollback("faq", "production", 2)
+
         with pytest.raises(openai.NotFoundError):
             ask("faq@9")
         # A version whose stored verdict was edited in Redis is never loaded.
@@ -325,14 +355,13 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
         raw = json.loads(jobs.redis.hget(key, "2"))
         raw["layers"][0]["verdict"]["reward"] = 5.0
         jobs.redis.hset(key, "2", json.dumps(raw))
-        served._models.clear()
         with pytest.raises(openai.APIStatusError):
             ask("faq")
     finally:
         http.stop()
 
     kinds = [e.kind for e in log.entries()]
-    assert kinds.count("rollback") == 2 and kinds.count("promotion") >= 4
+    assert kinds.count("rollback") == 4 and kinds.count("promotion") >= 6
     assert log.verify().ok
 
 
@@ -383,3 +412,47 @@ def _cert(version, accuracies: dict[str, float]):  # noqa: ANN001, ANN202
         passed=True,
     )
     return AUDITOR.sign_certificate(certificate)
+
+
+def test_an_adapter_trained_to_forget_on_purpose_is_refused(
+    registry, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The auditor's real verdict on an update of repetitive nonsense at a high rate: it drifts from
+    the base on general prompts, fails the KL check, and its promotion is refused."""
+    from auditor.core import audit, base_retention
+
+    jobs, deployments, api, handle, _ = registry
+    model, tokenizer = load_model(tiny_model_dir)
+    fp = _fingerprint(tiny_model_dir)
+    peft_model, _ = train_adapter(
+        model,
+        tokenizer,
+        ["zq zq zq zq zq zq zq zq"] * 4,
+        LoraSettings(rank=8, epochs=10, learning_rate=1e-2, schedule="constant"),
+    )
+    sha, path, _ = save_adapter(peft_model, tmp_path, {})
+    peft_model.unload()
+    job = jobs.create(JobSpec(documents=(_doc("Zeta"),), n_self_edits=1, passage_control=False))
+    doc = job.spec.documents[0]
+    edit = SelfEdit(
+        id=f"{job.id}/0/0",
+        job_id=job.id,
+        doc_index=0,
+        index=0,
+        format=EditFormat.IMPLICATIONS,
+        passage=doc.passage(),
+        text="zq zq",
+        lines=("zq zq",),
+        lora=LoraSettings(),
+        teacher_model="teacher",
+    )
+    adapter = AdapterRef(sha, edit.id, "tiny", fp, 1, 1.0, 1, 0.1, student_id="student-1")
+    # The tiny model's distributions are nearly flat: the KL limit is scaled to it (see the unit test).
+    retention = dataclasses.replace(base_retention(model, tokenizer), max_kl=1e-3)
+    verdict = AUDITOR.sign(audit(model, tokenizer, doc, edit, path, sha, fp, job.id, retention=retention))
+    handle(encode(Event(job_id=job.id, proposed=Proposed(doc_index=0, self_edits=(edit,)))))
+    handle(encode(Event(job_id=job.id, trained=Trained(self_edit_id=edit.id, adapter=adapter))))
+    handle(encode(Event(job_id=job.id, audited=Audited(self_edit_id=edit.id, verdict=verdict))))
+    with pytest.raises(PromotionRefused) as refused:
+        api.promote("faq", job.id, edit.id)
+    assert refused.value.code == "failed_guardrail" and "kl_shift:fail" in refused.value.message

@@ -382,3 +382,80 @@ def test_the_kill_switch_stops_every_service_and_shows_in_their_health(
         client.set_kill_switch(False)
     assert every(serving)
     assert client.get_kill_switch().on is False
+
+
+def test_the_gateway_serves_a_version_built_from_a_students_adapter(
+    stack: LocalStack, finished_job: Job
+) -> None:
+    """The serving path across real processes: the gateway verifies a version, fetches its adapter
+    from the student that holds it (over gRPC, digest checked), merges it and answers the `openai`
+    client. The tiny model learns nothing, so no verdict of this job passed: the test signs a passing
+    verdict and certificate for the student's real adapter with this stack's own auditor key."""
+    import openai
+    import redis
+
+    from gateway.deployments import DeploymentStore
+    from gateway.jobs import JobStore
+    from seal.digests import document_sha256
+    from seal.records import Certificate, DocumentAccuracy, Layer, LearnedDocument, VersionState, to_json
+    from seal.signing import TrustedKeys, VerdictSigner, version_fingerprint
+    from seal.workplane import WorkPlane
+
+    signer = VerdictSigner.load_or_create(stack.signing_key_path())
+    edit = finished_job.documents[0].edits[0]
+    adapter, verdict = edit.adapter, edit.verdict
+    passing = signer.sign(dataclasses.replace(verdict, passed=True, checks=("tau_leak:pass",)))
+    doc = finished_job.spec.documents[0]
+    learned = LearnedDocument(finished_job.id, 0, doc.title, document_sha256(doc), doc.signoff_questions)
+    plane = WorkPlane(redis.Redis.from_url(stack.redis_url), stack.namespace)
+    keys = TrustedKeys.of(signer.public_key_bytes())
+    registry = DeploymentStore(plane, JobStore(plane), keys)
+    base = registry._ensure("served", adapter.base_fingerprint).versions[0]
+    fingerprint = version_fingerprint(adapter.base_fingerprint, [adapter.sha256])
+    certificate = signer.sign_certificate(
+        Certificate(
+            deployment="served",
+            version=1,
+            fingerprint=fingerprint,
+            base_fingerprint=adapter.base_fingerprint,
+            adapter_sha256s=(adapter.sha256,),
+            documents=(DocumentAccuracy(finished_job.id, 0, learned.document_sha256, 1.0),),
+            passed=True,
+        )
+    )
+    version = dataclasses.replace(
+        base,
+        version=1,
+        parent=0,
+        fingerprint=fingerprint,
+        state=VersionState.PROMOTED,
+        certificate=certificate,
+        layers=(
+            Layer(adapter=adapter, verdict=passing, self_edit_text=edit.self_edit.text, document=learned),
+        ),
+    )
+    plane.redis.hset(plane.key("deploy", "served", "versions"), "1", to_json(version))
+    plane.redis.hset(plane.key("deploy", "served", "aliases"), "production", 1)
+
+    client = openai.OpenAI(
+        base_url=f"http://{stack.http_address}/v1", api_key=stack.operator_token, max_retries=0
+    )
+    assert {"served", "served@0", "served@1"} <= {m.id for m in client.models.list().data}
+    for model in ("served", "served@0"):
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is Alpha?"}], max_tokens=6, temperature=0
+        )
+        assert reply.model == model and reply.choices[0].finish_reason in ("stop", "length")
+    assert (stack.data_dir / "gateway" / "served-adapters" / adapter.sha256).is_dir()  # fetched, verified
+
+    # A version whose verdict no trusted key signed is never loaded.
+    forged = dataclasses.replace(
+        version,
+        version=2,
+        layers=(dataclasses.replace(version.layers[0], verdict=VerdictSigner.generate().sign(verdict)),),
+    )
+    plane.redis.hset(plane.key("deploy", "served", "versions"), "2", to_json(forged))
+    with pytest.raises(openai.BadRequestError, match="unknown_key"):
+        client.chat.completions.create(
+            model="served@2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
