@@ -77,6 +77,8 @@ class PromotionRefused(Refused):
 
 
 def check_name(name: str) -> str:
+    if name == "base":
+        raise InvalidArgument("deployment", "'base' names the base model itself; choose another name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             "deployment",

@@ -33,6 +33,8 @@ from seal.signing import TrustedKeys, VerdictRejected
 log = logging.getLogger(__name__)
 
 SHADOW_LOG_CAP = 10_000
+BASE_MODEL = "base"
+"""The base model itself, always served (no deployment may take this name): what every version adds to."""
 
 
 def parse_model_name(name: str) -> tuple[str, str, int | None]:
@@ -100,17 +102,23 @@ class DeploymentModels:
         self.fetch = fetch
         self.cache_size = cache_size
         self._lock = threading.Lock()
+        self._base_lock = threading.Lock()
         # fingerprint -> (model, tokenizer, generation lock); the last few versions stay loaded.
         self._models: OrderedDict[str, tuple[Any, Any, threading.Lock]] = OrderedDict()
 
     def list_models(self) -> list[str]:
-        names = []
+        names = [BASE_MODEL]
         for d in self.deployments.list():
             names += [d.name if a.name == "production" else f"{d.name}:{a.name}" for a in d.aliases]
             names += [f"{d.name}@{v.version}" for v in d.versions if v.state is VersionState.PROMOTED]
         return names
 
     def resolve(self, name: str) -> Resolution:
+        if name == BASE_MODEL:
+            model, tokenizer = self._base_model()
+            with self._lock:
+                lock = self._base_lock
+            return Resolution(ServedModel(name, model, tokenizer, "base", lock=lock))
         deployment, alias, number = parse_model_name(name)
         if number is None:
             version = self.deployments.resolve(deployment, alias)
@@ -158,7 +166,8 @@ class DeploymentModels:
                 model, tokenizer = self._base_model()
                 dirs = [self.fetch(layer.adapter) for layer in version.layers if layer.adapter is not None]
                 merged = merge_adapters(model, dirs) if dirs else model
-                cached = (merged, tokenizer, threading.Lock())
+                # Version 0 is the base model object itself: it shares the base's generation lock.
+                cached = (merged, tokenizer, threading.Lock() if dirs else self._base_lock)
                 self._models[version.fingerprint] = cached
                 log.info(
                     "model loaded for serving", extra={"model": name, "fingerprint": version.fingerprint[:16]}

@@ -232,16 +232,17 @@ def promote_and_ask(
     lines = ["", f"promotion to deployment {deployment!r} (held-out sign-off questions gate it):"]
     promoted = []
     for doc in job.documents:
-        passed = [
-            e
-            for e in doc.edits
-            if e.self_edit.index >= 0 and e.verdict is not None and e.verdict.passed and e.reward is not None
+        sampled = [
+            e for e in doc.edits if e.self_edit.index >= 0 and e.verdict is not None and e.reward is not None
         ]
+        passed = [e for e in sampled if e.verdict is not None and e.verdict.passed]
         if not passed:
-            why = sorted({c for e in doc.edits if e.verdict for c in e.verdict.failed_checks()}) or [
-                "no gain"
-            ]
-            lines.append(f"  {doc.title[:40]}: no self-edit passed ({', '.join(why)}); nothing promoted")
+            if sampled:  # ask anyway for the best one: the demo shows the gate's refusal and its code
+                best = max(sampled, key=lambda e: e.reward or 0.0)
+                try:
+                    client.promote(deployment, job.id, best.self_edit.id)
+                except grpc.RpcError as exc:
+                    lines.append(f"  {doc.title[:40]}: {best.self_edit.id} refused: {exc.details()}")
             continue
         best = max(passed, key=lambda e: e.reward or 0.0)
         try:
@@ -261,10 +262,11 @@ def promote_and_ask(
         )
         if version.state is VersionState.PROMOTED:
             promoted.append(doc)
-    if not promoted:
-        return lines
-    lines += ["", render_deployment(client.get_deployment(deployment))]
-    spec_doc = job.spec.documents[promoted[-1].doc_index]
+    if promoted:
+        lines += ["", render_deployment(client.get_deployment(deployment))]
+    else:
+        lines += ["", "nothing was promoted: the model asked below is the base (model 'base')"]
+    spec_doc = job.spec.documents[(promoted or list(job.documents))[-1].doc_index]
     qa = spec_doc.signoff_questions[0]
     api = openai.OpenAI(
         base_url=f"http://{http_address}/v1", api_key=token or "none", max_retries=2, timeout=300
@@ -283,7 +285,7 @@ def promote_and_ask(
         "",
         f"asked through the OpenAI API (POST http://{http_address}/v1/chat/completions):",
         f"  Q: {qa.question}   (sign-off question; gold: {qa.answer})",
-        f"  model {deployment!r} (production): {ask(deployment)}",
-        f"  model '{deployment}@0' (the base):  {ask(deployment + '@0')}",
+        *([f"  model {deployment!r} (production): {ask(deployment)}"] if promoted else []),
+        f"  model 'base' (no adaptation): {ask('base')}",
     ]
     return lines

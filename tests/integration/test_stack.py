@@ -440,8 +440,8 @@ def test_the_gateway_serves_a_version_built_from_a_students_adapter(
     client = openai.OpenAI(
         base_url=f"http://{stack.http_address}/v1", api_key=stack.operator_token, max_retries=0
     )
-    assert {"served", "served@0", "served@1"} <= {m.id for m in client.models.list().data}
-    for model in ("served", "served@0"):
+    assert {"base", "served", "served@0", "served@1"} <= {m.id for m in client.models.list().data}
+    for model in ("served", "served@0", "base"):
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "What is Alpha?"}], max_tokens=6, temperature=0
         )

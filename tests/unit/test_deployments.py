@@ -149,6 +149,8 @@ def test_names_and_aliases_are_checked() -> None:
     assert check_name("faq-2") == "faq-2"
     with pytest.raises(InvalidArgument):
         check_name("../x")
+    with pytest.raises(InvalidArgument, match="base model itself"):
+        check_name("base")
     with pytest.raises(InvalidArgument, match="production, candidate, shadow"):
         check_alias("live")
 
