@@ -1,8 +1,10 @@
-"""Checks a verdict must pass besides a positive reward: no τ leak, no catastrophic forgetting.
+"""Checks a verdict must pass besides a positive reward: no τ leak, no forgetting, no drift.
 
 Pure functions. The reward is only meaningful if the held-out questions τ never reached the teacher
 (a self-edit that quotes them would teach the answers directly), and an update that buys τ accuracy
-by wrecking general knowledge should not be reinforced.
+by wrecking general knowledge or behaviour should not be reinforced. The figures the last two checks
+judge are measured by auditor.retention: accuracy on the retention set before and after the adapter,
+and the KL shift on the auditor's general prompts.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 from auditor.grading import normalize_answer
 from seal.records import QA
 
-# General-knowledge questions a small instruct model usually gets right; their accuracy before and
-# after an update measures forgetting. One-word answers, so "contains" grading is unambiguous.
+# Eight general-knowledge questions, the forgetting yardstick before the retention set
+# (auditor.retention); kept while auditor.evaluation.anchor_accuracy still has callers.
 ANCHOR_SET: tuple[QA, ...] = (
     QA("What is the capital of France?", "Paris"),
     QA("What is the capital of Japan?", "Tokyo"),
@@ -26,7 +28,7 @@ ANCHOR_SET: tuple[QA, ...] = (
     QA("What is the name of the planet we live on?", "Earth"),
 )
 
-# Floating-point slack so that a drop of exactly `max_drop` passes.
+# Floating-point slack so that a figure exactly at its bound passes.
 _EPS = 1e-9
 
 
@@ -55,24 +57,47 @@ def _contains_run(haystack: list[str], needle: list[str]) -> bool:
     return n > 0 and any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def forgetting(anchor_before: float, anchor_after: float, max_drop: float) -> bool:
-    """True (passes) when anchor accuracy fell by at most `max_drop`."""
-    return anchor_before - anchor_after <= max_drop + _EPS
+# Thresholds, placed by `seal bench retention`'s calibration updates on the default model
+# (docs/results/retention/). Greedy decoding gives the base itself zero noise, but any update moves
+# greedy near-ties: a single step on one neutral sentence already costs 2 of the 104 retention
+# answers (drop 0.019) at a KL of 0.002. Ten epochs of the default recipe on that same harmless
+# sentence change the model's manner ("Bonjour! Welcome to my humble abode...") and cost 0.173 at a
+# KL of 0.090; repetitive nonsense at lr 1e-2 costs everything (1.0, KL 20).
+MAX_RETENTION_DROP = 0.10
+"""At most 10 of the 104 retention answers lost: five times what the smallest update loses to
+near-ties, and below what ten epochs on a neutral sentence cost."""
+MAX_KL = 0.05
+"""Nats per token on the auditor's prompts: 25 times the smallest update's shift, about half of
+what ten epochs on a neutral sentence cause."""
+
+
+def retention_kept(before: float, after: float, max_drop: float) -> bool:
+    """True (passes) when retention accuracy fell by at most `max_drop`."""
+    return before - after <= max_drop + _EPS
 
 
 def run_guardrails(
     self_edit_text: str,
     questions: Sequence[QA],
-    anchor_before: float | None = None,
-    anchor_after: float | None = None,
-    max_forgetting: float = 0.2,
+    retention_before: float | None = None,
+    retention_after: float | None = None,
+    max_retention_drop: float = MAX_RETENTION_DROP,
+    kl: float | None = None,
+    max_kl: float = MAX_KL,
 ) -> list[CheckResult]:
-    """Every applicable check: "tau_leak" always, "forgetting" when both anchor accuracies are given."""
+    """Every applicable check: "tau_leak" always, "retention" when both retention accuracies are
+    given, "kl_shift" when the KL shift is."""
     results = [_tau_leak_check(self_edit_text, questions)]
-    if anchor_before is not None and anchor_after is not None:
-        passed = forgetting(anchor_before, anchor_after, max_forgetting)
-        detail = f"anchor accuracy {anchor_before:.3f} -> {anchor_after:.3f} (max drop {max_forgetting:.3f})"
-        results.append(CheckResult("forgetting", passed, detail))
+    if retention_before is not None and retention_after is not None:
+        passed = retention_kept(retention_before, retention_after, max_retention_drop)
+        detail = (
+            f"retention accuracy {retention_before:.3f} -> {retention_after:.3f} "
+            f"(drop {retention_before - retention_after:.3f}, max {max_retention_drop:.3f})"
+        )
+        results.append(CheckResult("retention", passed, detail))
+    if kl is not None:
+        detail = f"KL(base || adapted) {kl:.4f} nats per token (max {max_kl:.4f})"
+        results.append(CheckResult("kl_shift", kl <= max_kl + _EPS, detail))
     return results
 
 

@@ -1,9 +1,11 @@
 """The inner-loop LoRA fine-tune: one self-edit in, one adapter out.
 
-Read it top to bottom as a recipe: wrap the base model in a fresh LoRA, tokenize the texts, run
-`epochs` seeded passes of AdamW over dynamically padded batches (the learning rate decaying linearly
-to 0 and gradients clipped at norm 1.0, as the Hugging Face Trainer the SEAL reference uses does),
-then hand back the PEFT model.
+Read it top to bottom as a recipe: let the base model answer the general prompts the guards against
+forgetting need (none by default; student.general), wrap it in a fresh LoRA, tokenize the texts and
+append the replayed answers, run `epochs` seeded passes of AdamW over dynamically padded batches (the
+learning rate decaying linearly to 0 and gradients clipped at norm 1.0, as the Hugging Face Trainer
+the SEAL reference uses does; with `kl_weight`, each step's loss also pays for drifting from the base
+on general prompts), then hand back the PEFT model.
 `release_adapter` strips the LoRA again so the same base model object serves the next self-edit.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,14 +23,19 @@ from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 from seal.records import LoraSettings
 from seal.validation import SCHEDULES
+from student.general import KL_BATCH, general_data, kl_batches, kl_penalty
 from student.sequences import IGNORE_INDEX, batches, pad_batch
 
 
 @dataclass
 class TrainStats:
     steps: int
+    # The language-modelling loss of each step (without the KL penalty).
     losses: list[float]
     seconds: float
+    # Each step's KL(base || adapted) on general prompts; empty when kl_weight is 0.
+    kls: list[float] = field(default_factory=list)
+    replayed: int = 0
 
 
 def train_adapter(
@@ -38,12 +45,17 @@ def train_adapter(
     lora: LoraSettings,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[PeftModel, TrainStats]:
-    """Fine-tune a fresh LoRA on `texts`; `on_step(step, loss)` runs after every step (1-based)."""
+    """Fine-tune a fresh LoRA on `texts` (plus `lora.replay` replayed base answers); `on_step(step,
+    loss)` runs after every step (1-based)."""
     started = time.perf_counter()
+    # The base answers its general prompts before any LoRA exists: these are the answers to keep.
+    general = general_data(model, tokenizer, lora)
     # Seed before wrapping: LoRA's A matrices are randomly initialised.
     torch.manual_seed(lora.seed)
     peft_model = get_peft_model(model, lora_config(model, lora))
     sequences = tokenize_texts(tokenizer, texts, lora.max_seq_len)
+    sequences += [list(a.ids[: lora.max_seq_len]) for a in general.replay]
+    kl_stream = kl_batches(general.kl, KL_BATCH, lora.seed) if general.kl else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(peft_model.parameters()).device
 
@@ -54,6 +66,7 @@ def train_adapter(
     scheduler = make_scheduler(optimizer, lora.schedule, total_steps)
 
     losses: list[float] = []
+    kls: list[float] = []
     peft_model.train()
     try:
         for batch in batches(sequences, lora.batch_size, lora.seed, lora.epochs):
@@ -62,7 +75,12 @@ def train_adapter(
             )
             logits = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
             loss = causal_lm_loss(logits, labels)
-            loss.backward()
+            if kl_stream is not None:
+                kl = kl_penalty(peft_model, next(kl_stream), pad_id)
+                (loss + lora.kl_weight * kl).backward()
+                kls.append(kl.item())
+            else:
+                loss.backward()
             if lora.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, lora.max_grad_norm)
             optimizer.step()
@@ -77,7 +95,8 @@ def train_adapter(
         raise
     finally:
         peft_model.eval()
-    return peft_model, TrainStats(steps=len(losses), losses=losses, seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return peft_model, TrainStats(len(losses), losses, seconds, kls, replayed=len(general.replay))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int) -> Any:

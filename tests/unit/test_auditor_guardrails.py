@@ -1,11 +1,11 @@
-"""Guardrails: τ leak detection, the forgetting bound, and the anchor set."""
+"""Guardrails: τ leak detection, the retention and KL bounds, and the anchor set."""
 
 from __future__ import annotations
 
 import pytest
 
 from auditor.grading import answer_contained, normalize_answer
-from auditor.guardrails import ANCHOR_SET, CheckResult, forgetting, run_guardrails, tau_leak
+from auditor.guardrails import ANCHOR_SET, CheckResult, retention_kept, run_guardrails, tau_leak
 from seal.records import QA
 
 _QUESTIONS = (
@@ -53,33 +53,43 @@ def test_tau_leak_ignores_questions_that_normalize_to_nothing() -> None:
         (0.5, 0.49, 0.0, False),
     ],
 )
-def test_forgetting(before: float, after: float, max_drop: float, passes: bool) -> None:
-    assert forgetting(before, after, max_drop) is passes
+def test_retention_kept(before: float, after: float, max_drop: float, passes: bool) -> None:
+    assert retention_kept(before, after, max_drop) is passes
 
 
-def test_run_guardrails_without_anchors_only_checks_tau() -> None:
+def test_run_guardrails_without_figures_only_checks_tau() -> None:
     results = run_guardrails("clean text", _QUESTIONS)
     assert [r.name for r in results] == ["tau_leak"]
     assert results[0].passed
-    # One anchor alone is not enough to judge forgetting.
-    assert [r.name for r in run_guardrails("clean", _QUESTIONS, anchor_before=0.5)] == ["tau_leak"]
+    # One retention figure alone is not enough to judge a drop.
+    assert [r.name for r in run_guardrails("clean", _QUESTIONS, retention_before=0.5)] == ["tau_leak"]
 
 
 def test_run_guardrails_reports_failures_with_details() -> None:
     results = run_guardrails(
-        "Who founded Velmora?", _QUESTIONS, anchor_before=0.75, anchor_after=0.25, max_forgetting=0.2
+        "Who founded Velmora?",
+        _QUESTIONS,
+        retention_before=0.75,
+        retention_after=0.25,
+        max_retention_drop=0.2,
+        kl=0.5,
+        max_kl=0.05,
     )
     by_name = {r.name: r for r in results}
-    assert list(by_name) == ["tau_leak", "forgetting"]
+    assert list(by_name) == ["tau_leak", "retention", "kl_shift"]
     assert not by_name["tau_leak"].passed and "Who founded Velmora?" in by_name["tau_leak"].detail
-    assert not by_name["forgetting"].passed and "0.750 -> 0.250" in by_name["forgetting"].detail
+    assert not by_name["retention"].passed and "0.750 -> 0.250" in by_name["retention"].detail
+    assert not by_name["kl_shift"].passed and "0.5000" in by_name["kl_shift"].detail
 
 
 def test_run_guardrails_passes_a_clean_edit() -> None:
-    results = run_guardrails("Velmora hosts the council.", _QUESTIONS, anchor_before=0.5, anchor_after=0.375)
+    results = run_guardrails(
+        "Velmora hosts the council.", _QUESTIONS, retention_before=0.5, retention_after=0.45, kl=0.0
+    )
     assert results == [
         CheckResult("tau_leak", True, results[0].detail),
-        CheckResult("forgetting", True, results[1].detail),
+        CheckResult("retention", True, results[1].detail),
+        CheckResult("kl_shift", True, results[2].detail),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from seal.models import load_model
 from seal.records import LoraSettings
+from student.general import KL_POOL, general_data, kl_penalty, load_general_prompts
 from student.sequences import IGNORE_INDEX, pad_batch
 from student.training import (
     causal_lm_loss,
@@ -212,3 +214,87 @@ def test_gradient_clipping_bounds_the_update(tiny_model, tiny_model_dir: Path) -
     unclipped = first_step_change(0.0, tiny_model)
     clipped = first_step_change(1e-9, load_model(tiny_model_dir))
     assert clipped < unclipped * 0.5
+
+
+# --- the guards against forgetting: replay and the KL penalty ------------------------------------------------
+
+# A seeded run of the trainer as it was before replay and kl_weight existed (git 7fd3a9e): the
+# defaults (replay 0, kl_weight 0) must reproduce it exactly.
+PINNED_LOSSES = [
+    6.014381408691406,
+    5.799854755401611,
+    5.613857746124268,
+    5.614565849304199,
+    5.5114030838012695,
+    5.380029201507568,
+]
+PINNED_LORA_ABS_SUM = 1328.0732769743736
+
+
+def _lora_state(peft_model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+
+
+def test_without_replay_or_kl_the_adapter_is_the_one_from_before(tiny_model, tiny_model_dir: Path) -> None:
+    lora = LoraSettings(epochs=3, seed=3, learning_rate=1e-2, batch_size=2)
+    peft_model, stats = train_adapter(*tiny_model, TEXTS, lora)
+    assert stats.losses == pytest.approx(PINNED_LOSSES, abs=1e-6)
+    weights = _lora_state(peft_model)
+    assert sum(float(v.double().abs().sum()) for v in weights.values()) == pytest.approx(
+        PINNED_LORA_ABS_SUM, rel=1e-6
+    )
+    assert (stats.kls, stats.replayed) == ([], 0)
+    explicit = replace(lora, replay=0, kl_weight=0.0)
+    other, _ = train_adapter(*load_model(tiny_model_dir), TEXTS, explicit)
+    assert all(torch.equal(weights[k], v) for k, v in _lora_state(other).items())
+
+
+def test_replay_adds_the_base_answers_of_that_many_general_prompts(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    data = general_data(model, tokenizer, LoraSettings(replay=5, seed=4))
+    assert len(data.replay) == 5 and data.kl == ()
+    prompts = load_general_prompts()
+    for answer in data.replay:
+        prompt_text = tokenizer.decode(answer.ids[: answer.prompt_len])
+        assert any(p in prompt_text for p in prompts)  # a chat-rendered student prompt...
+        assert len(answer.ids) > answer.prompt_len  # ... followed by the base's own answer
+    # Deterministic by seed; another seed picks other prompts.
+    assert general_data(model, tokenizer, LoraSettings(replay=5, seed=4)) == data
+    assert general_data(model, tokenizer, LoraSettings(replay=5, seed=5)).replay != data.replay
+    # More replay than prompts repeats the answers.
+    many = general_data(model, tokenizer, LoraSettings(replay=len(prompts) + 3, seed=4))
+    assert len(many.replay) == len(prompts) + 3 and many.replay[-1] == many.replay[2]
+
+    _, stats = train_adapter(model, tokenizer, TEXTS, LoraSettings(epochs=2, replay=5))
+    assert stats.replayed == 5
+    assert stats.steps == 2 * (len(TEXTS) + 5)  # batch 1: one step per text per epoch
+
+
+def _kl_on(peft_model, pool) -> float:
+    with torch.no_grad():
+        return sum(kl_penalty(peft_model, [a], 0).item() for a in pool) / len(pool)
+
+
+def test_the_kl_penalty_keeps_the_adapter_closer_to_the_base(tiny_model, tiny_model_dir: Path) -> None:
+    lora = LoraSettings(epochs=4, learning_rate=1e-2, schedule="constant")
+    model, tokenizer = tiny_model
+    pool = general_data(model, tokenizer, replace(lora, kl_weight=1.0)).kl
+    assert len(pool) == KL_POOL
+
+    free, free_stats = train_adapter(model, tokenizer, TEXTS, lora)
+    drift = _kl_on(free, pool)
+    release_adapter(free)
+    held, held_stats = train_adapter(*load_model(tiny_model_dir), TEXTS, replace(lora, kl_weight=10.0))
+    assert free_stats.kls == [] and len(held_stats.kls) == held_stats.steps == free_stats.steps
+    assert held_stats.kls[0] == 0.0  # the first step's adapter is still the identity (B = 0)
+    assert _kl_on(held, pool) < 0.5 * drift
+
+
+def test_the_kl_penalty_is_zero_for_a_fresh_lora_and_has_a_gradient_after(tiny_model) -> None:
+    from peft import get_peft_model
+
+    model, tokenizer = tiny_model
+    pool = general_data(model, tokenizer, LoraSettings(kl_weight=1.0)).kl
+    fresh = get_peft_model(model, lora_config(model, LoraSettings()))
+    penalty = kl_penalty(fresh, pool[:2], tokenizer.pad_token_id)
+    assert penalty.item() == 0.0 and penalty.requires_grad

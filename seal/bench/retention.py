@@ -1,0 +1,542 @@
+"""`seal bench retention`: what each guard against forgetting costs in learning, and what it saves.
+
+Read it top to bottom: the settings (the unmitigated default, replay, a KL penalty, a milder LoRA, a
+combination), the passages (the demo's three invented ones and SQuAD training passages, never the
+200 evaluation passages), one fixed self-edit per passage (written once by our teacher, as a default
+job writes it, and cached), one (setting, passage) run, a calibration of the thresholds on a
+harmless and a destructive update, and the table.
+
+Per (setting, passage) a row in results.jsonl: τ accuracy before and after (all the passage's
+questions), retention accuracy after (the base's is measured once), the KL shift on the auditor's
+prompts, and the training's own figures. Rows land as they finish; a rerun skips the ones already
+there (a row is keyed by setting, passage and a digest of everything that changes it), so a run
+can span sessions. The guardrail verdicts are computed at table time from the figures, so the
+table follows the thresholds in auditor.guardrails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from seal.bench import report
+from seal.bench.knowledge import JsonlLog, _digest, default_data_dir, load_training_items
+from seal.records import QA, Document, EditFormat, LoraSettings, SamplingSettings
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    label: str
+    lora: LoraSettings
+
+
+def retention_settings(base: LoraSettings) -> list[Setting]:
+    """The study's rows; adding one is adding a line. (Replay 32 was tried on the first passage and
+    dropped: four times the steps of replay 8, and no less forgetting.)"""
+    return [
+        Setting("default", "unmitigated default", base),
+        Setting("replay-8", "replay 8", replace(base, replay=8)),
+        Setting("kl-0.1", "KL penalty 0.1", replace(base, kl_weight=0.1)),
+        Setting("kl-1", "KL penalty 1", replace(base, kl_weight=1.0)),
+        Setting("kl-3", "KL penalty 3", replace(base, kl_weight=3.0)),
+        Setting("mild", "milder LoRA (lr 5e-4, 5 epochs)", replace(base, learning_rate=5e-4, epochs=5)),
+        Setting("replay-8+kl-1", "replay 8 + KL penalty 1", replace(base, replay=8, kl_weight=1.0)),
+    ]
+
+
+# --- passages and their self-edits -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage of the study: `key` names it in the results ("demo:0", "squad:1045")."""
+
+    key: str
+    doc: Document
+
+
+def demo_passages(path: Path | None = None) -> list[Passage]:
+    """The invented passages of seal/examples/demo.json: the model cannot know them beforehand."""
+    path = path or Path(__file__).resolve().parents[1] / "examples" / "demo.json"
+    docs = json.loads(path.read_text())["documents"]
+    return [
+        Passage(f"demo:{i}", Document(d["title"], d["context"], tuple(QA(**q) for q in d["questions"])))
+        for i, d in enumerate(docs)
+    ]
+
+
+def squad_passages(data_dir: Path, k: int, seed: int = 0) -> list[Passage]:
+    """SQuAD training passages (not among the 200 evaluation passages), as `seal bench recipe` picks them."""
+    return [Passage(f"squad:{item.index}", item.doc) for item in load_training_items(data_dir, k, seed)]
+
+
+# (passage) -> (training texts, self-edit text): one self-edit, written once.
+Writer = Callable[[Passage], tuple[list[str], str]]
+
+
+def teacher_writer(model: Any, tokenizer: Any, name: str, samples_per_edit: int) -> Writer:
+    """Our teacher writes one implications self-edit per passage as a default job does (seed 0,
+    `samples_per_edit` samples joined); the student's training texts are built from it."""
+    from student.sequences import build_training_texts
+    from teacher.backends import TransformersGenerator
+    from teacher.core import propose_self_edits
+
+    def write(passage: Passage) -> tuple[list[str], str]:
+        generator = TransformersGenerator(model, tokenizer, str(model.device), name=name)
+        (edit,) = propose_self_edits(
+            generator,
+            passage.doc.passage(),
+            EditFormat.IMPLICATIONS,
+            1,
+            LoraSettings(),
+            SamplingSettings(),
+            "bench-retention",
+            0,
+            samples_per_edit=samples_per_edit,
+        )
+        return build_training_texts(edit), edit.text
+
+    return write
+
+
+def cached_self_edit(cache: JsonlLog, writer: Writer, passage: Passage, key: dict[str, Any]) -> list[str]:
+    """The passage's training texts, from the cache or written (and cached) now."""
+    digest = _digest({**key, "title": passage.doc.title, "context": passage.doc.context})
+    row = cache.get(digest)
+    if row is None:
+        started = time.perf_counter()
+        texts, text = writer(passage)
+        row = {
+            "key": digest,
+            "passage": passage.key,
+            "text": text,
+            "texts": texts,
+            "seconds": time.perf_counter() - started,
+        }
+        cache.append(row)
+    return list(row["texts"])
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Yardsticks:
+    """What the base model scores, computed once: the retention accuracy and the KL sequences."""
+
+    retention_before: float
+    kl_sequences: list[Any]
+
+
+def measure_base(model: Any, tokenizer: Any) -> Yardsticks:
+    from auditor.retention import base_continuations, load_kl_prompts, retention_accuracy
+
+    return Yardsticks(
+        retention_accuracy(model, tokenizer), base_continuations(model, tokenizer, load_kl_prompts())
+    )
+
+
+def measure_adapter(peft_model: Any, tokenizer: Any, base: Yardsticks) -> dict[str, Any]:
+    """Retention accuracy and KL shift of an adapted model, and how long the audit spent on them."""
+    from auditor.retention import kl_shift, retention_accuracy
+
+    started = time.perf_counter()
+    retention = retention_accuracy(peft_model, tokenizer)
+    retention_seconds = time.perf_counter() - started
+    kl = kl_shift(peft_model, tokenizer, base.kl_sequences)
+    return {
+        "retention_before": base.retention_before,
+        "retention_after": retention,
+        "retention_drop": base.retention_before - retention,
+        "kl": kl,
+        "retention_seconds": retention_seconds,
+        "kl_seconds": time.perf_counter() - started - retention_seconds,
+    }
+
+
+def tau_accuracy(model: Any, tokenizer: Any, doc: Document) -> tuple[float, list[dict[str, Any]]]:
+    from auditor.evaluation import evaluate_document
+
+    scores = evaluate_document(model, tokenizer, doc)
+    return (
+        sum(s.correct for s in scores) / len(scores),
+        [{"question": s.question, "response": s.response, "correct": s.correct} for s in scores],
+    )
+
+
+def run_one(
+    model: Any, tokenizer: Any, texts: list[str], doc: Document, lora: LoraSettings, base: Yardsticks
+) -> dict[str, Any]:
+    """Train one adapter on `texts`, score τ, retention and KL with it, and restore the base."""
+    from student.training import release_adapter, train_adapter
+
+    peft_model, stats = train_adapter(model, tokenizer, texts, lora)
+    try:
+        accuracy, responses = tau_accuracy(peft_model, tokenizer, doc)
+        figures = measure_adapter(peft_model, tokenizer, base)
+    finally:
+        release_adapter(peft_model)
+    return {
+        "accuracy_after": accuracy,
+        **figures,
+        "train_seconds": stats.seconds,
+        "steps": stats.steps,
+        "final_loss": stats.losses[-1] if stats.losses else None,
+        "final_kl_penalty": stats.kls[-1] if stats.kls else None,
+        "replayed": stats.replayed,
+        "responses": responses,
+    }
+
+
+# --- calibration -------------------------------------------------------------------------------------
+
+NEUTRAL_SENTENCE = "The museum opens at nine in the morning and closes at five in the afternoon."
+NONSENSE = "blorp zint quax blorp zint quax blorp zint quax blorp zint quax"
+
+
+def calibration_settings(base: LoraSettings) -> list[tuple[str, str, list[str], LoraSettings]]:
+    """Updates whose verdict is clear without a passage, to place the thresholds: one step on a
+    neutral sentence (the smallest real update: what the retention set's greedy near-ties alone
+    do), the default recipe on that sentence (harmless text, but ten epochs of it), and a
+    destructive update (lr 1e-2 on repetitive nonsense)."""
+    return [
+        ("neutral-1-step", "one neutral sentence, one step", [NEUTRAL_SENTENCE], replace(base, epochs=1)),
+        ("harmless", "one neutral sentence, default recipe (10 epochs)", [NEUTRAL_SENTENCE], base),
+        (
+            "destructive",
+            "repetitive nonsense, lr 1e-2 constant, 10 epochs",
+            [NONSENSE] * 8,
+            replace(base, learning_rate=1e-2, schedule="constant"),
+        ),
+    ]
+
+
+def calibration_key(name: str, lora: LoraSettings, model_name: str) -> dict[str, str]:
+    return {"setting": f"calibration:{name}", "passage": "-", "digest": _row_digest(lora, model_name)}
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+def result_key(row: dict[str, Any]) -> str:
+    return f"{row['setting']}|{row['passage']}|{row['digest']}"
+
+
+def run_retention_bench(
+    model: Any,
+    tokenizer: Any,
+    passages: Sequence[Passage],
+    settings: Sequence[Setting],
+    out: Path,
+    writer: Writer,
+    model_name: str,
+    log: Callable[[str], None] = print,
+    samples_per_edit: int = 1,
+) -> dict[str, Any]:
+    """The calibration rows, then every setting on every passage (passage by passage), skipping rows
+    already in out/results.jsonl; the table (out/table.md) and summary (out/summary.json) after each passage."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = JsonlLog(out / "results.jsonl", result_key)
+    edits = JsonlLog(out / "self_edits.jsonl", lambda row: str(row["key"]))
+    edit_key = {
+        "teacher": model_name,
+        "format": "implications",
+        "samples_per_edit": samples_per_edit,
+        "seed": 0,
+    }
+    started = time.perf_counter()
+    base = measure_base(model, tokenizer)
+    log(
+        f"base: retention {base.retention_before:.3f} ({time.perf_counter() - started:.1f} s with the KL sequences)"
+    )
+    calibrate(model, tokenizer, base, results, model_name, log)
+    for number, passage in enumerate(passages, 1):
+        texts = cached_self_edit(edits, writer, passage, edit_key)
+        before = _base_accuracy(results, model, tokenizer, passage, model_name)
+        for setting in settings:
+            key = {
+                "setting": setting.name,
+                "passage": passage.key,
+                "digest": _row_digest(setting.lora, model_name),
+            }
+            if result_key(key) in results:
+                continue
+            row = run_one(model, tokenizer, texts, passage.doc, setting.lora, base)
+            row.update(
+                key,
+                title=passage.doc.title,
+                accuracy_before=before,
+                texts=len(texts),
+                finished_at=time.time(),
+            )
+            row["gain"] = row["accuracy_after"] - before
+            results.append(row)
+            log(
+                f"[{number}/{len(passages)}] {passage.key:<11} {setting.name:<14} gain {row['gain']:+.2f} "
+                f"retention drop {row['retention_drop']:.3f} KL {row['kl']:.4f} "
+                f"train {row['train_seconds']:.0f} s ({row['steps']} steps) "
+                f"audit {row['retention_seconds'] + row['kl_seconds']:.1f} s"
+            )
+        write_outputs(out, settings, results, model_name, samples_per_edit)
+    return write_outputs(out, settings, results, model_name, samples_per_edit)
+
+
+def _base_accuracy(results: JsonlLog, model: Any, tokenizer: Any, passage: Passage, model_name: str) -> float:
+    key = {"setting": "base", "passage": passage.key, "digest": _digest({"model": model_name})}
+    row = results.get(result_key(key))
+    if row is None:
+        accuracy, responses = tau_accuracy(model, tokenizer, passage.doc)
+        row = {**key, "title": passage.doc.title, "accuracy": accuracy, "responses": responses}
+        results.append(row)
+    return float(row["accuracy"])
+
+
+def _row_digest(lora: LoraSettings, model_name: str) -> str:
+    """Everything that changes a row: the recipe, the model, and the yardsticks' and guards' data."""
+    return _digest(
+        {"lora": asdict(lora), "model": model_name, "answer_style": "chat", "data": _data_digest()}
+    )
+
+
+def _data_digest() -> str:
+    """The yardsticks' and guards' data by content (not file bytes: a rebuilt set with the same
+    questions measures the same)."""
+    from auditor.retention import (
+        KL_MAX_NEW_TOKENS,
+        RETENTION_MAX_NEW_TOKENS,
+        load_kl_prompts,
+        load_retention_set,
+    )
+    from student.general import ANSWER_MAX_NEW_TOKENS, KL_BATCH, KL_POOL, load_general_prompts
+
+    return _digest(
+        {
+            "retention": [asdict(qa) for qa in load_retention_set()],
+            "kl_prompts": load_kl_prompts(),
+            "student_prompts": load_general_prompts(),
+            "budgets": [
+                RETENTION_MAX_NEW_TOKENS,
+                KL_MAX_NEW_TOKENS,
+                ANSWER_MAX_NEW_TOKENS,
+                KL_BATCH,
+                KL_POOL,
+            ],
+        }
+    )
+
+
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    base: Yardsticks,
+    results: JsonlLog,
+    model_name: str,
+    log: Callable[[str], None],
+) -> None:
+    for name, label, texts, lora in calibration_settings(LoraSettings()):
+        key = calibration_key(name, lora, model_name)
+        if result_key(key) in results:
+            continue
+        from student.training import release_adapter, train_adapter
+
+        peft_model, stats = train_adapter(model, tokenizer, texts, lora)
+        try:
+            figures = measure_adapter(peft_model, tokenizer, base)
+        finally:
+            release_adapter(peft_model)
+        results.append(
+            {**key, "label": label, **figures, "steps": stats.steps, "train_seconds": stats.seconds}
+        )
+        log(f"calibration {name}: retention drop {figures['retention_drop']:.3f}, KL {figures['kl']:.4f}")
+
+
+# --- the table -------------------------------------------------------------------------------------------
+
+
+def passes(row: dict[str, Any]) -> bool:
+    """Whether the row's adapter passes the retention guardrails at the current thresholds."""
+    from auditor.guardrails import run_guardrails
+
+    checks = run_guardrails("", (), row["retention_before"], row["retention_after"], kl=row["kl"])
+    return all(c.passed for c in checks)
+
+
+def summarize(
+    settings: Sequence[Setting], rows: Sequence[dict[str, Any]], model_name: str
+) -> list[dict[str, Any]]:
+    """Per setting: mean gain, mean retention drop, mean and max KL, the fraction passing, seconds."""
+    summaries: list[dict[str, Any]] = []
+    for setting in settings:
+        digest = _row_digest(setting.lora, model_name)
+        mine = [r for r in rows if r["setting"] == setting.name and r["digest"] == digest]
+        n = len(mine)
+        summaries.append(
+            {
+                "setting": setting.name,
+                "label": setting.label,
+                "lora": asdict(setting.lora),
+                "passages": n,
+                "gain": report.mean([r["gain"] for r in mine]) if n else None,
+                "gain_interval": report.normal_interval([r["gain"] for r in mine]) if n > 1 else None,
+                "retention_drop": report.mean([r["retention_drop"] for r in mine]) if n else None,
+                "max_retention_drop": max((r["retention_drop"] for r in mine), default=None),
+                "kl": report.mean([r["kl"] for r in mine]) if n else None,
+                "max_kl": max((r["kl"] for r in mine), default=None),
+                "pass_fraction": sum(passes(r) for r in mine) / n if n else None,
+                "train_seconds": report.mean([r["train_seconds"] for r in mine]) if n else None,
+                "audit_seconds": report.mean([r["retention_seconds"] + r["kl_seconds"] for r in mine])
+                if n
+                else None,
+            }
+        )
+    default = next((s for s in summaries if s["setting"] == "default"), None)
+    for s in summaries:
+        unmitigated = default["gain"] if default else None
+        s["gain_vs_default"] = s["gain"] / unmitigated if unmitigated and s["gain"] is not None else None
+    return summaries
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def markdown_table(
+    summaries: Sequence[dict[str, Any]], calibration: Sequence[dict[str, Any]], notes: Sequence[str]
+) -> str:
+    from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP
+
+    lines = [
+        "## Learning versus retention",
+        "",
+        *notes,
+        "",
+        f"Guardrails: retention drop ≤ {MAX_RETENTION_DROP:.3f} and KL(base ‖ adapted) ≤ {MAX_KL:.3f} nats per token.",
+        "",
+        "| setting | passages | τ gain (after − before) | of default's gain | retention drop (mean / max) "
+        "| KL shift (mean / max) | pass guardrails | train s | audit s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['label']} | {s['passages']} | {_fmt(s['gain'], '{:+.3f}')} | {_fmt(s['gain_vs_default'], '{:.0%}')} "
+            f"| {_fmt(s['retention_drop'], '{:.3f}')} / {_fmt(s['max_retention_drop'], '{:.3f}')} "
+            f"| {_fmt(s['kl'], '{:.4f}')} / {_fmt(s['max_kl'], '{:.4f}')} | {_fmt(s['pass_fraction'], '{:.0%}')} "
+            f"| {_fmt(s['train_seconds'], '{:.0f}')} | {_fmt(s['audit_seconds'], '{:.1f}')} |"
+        )
+    if calibration:
+        lines += [
+            "",
+            "Calibration (no passage):",
+            "",
+            "| update | retention drop | KL shift | passes |",
+            "|---|---|---|---|",
+        ]
+        for row in calibration:
+            lines.append(
+                f"| {row['label']} | {row['retention_drop']:.3f} | {row['kl']:.4f} | {'yes' if passes(row) else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(
+    out: Path, settings: Sequence[Setting], results: JsonlLog, model_name: str, samples_per_edit: int = 1
+) -> dict[str, Any]:
+    rows = [
+        r
+        for r in results.rows.values()
+        if r["setting"] != "base" and not r["setting"].startswith("calibration:")
+    ]
+    calibration = [
+        row
+        for name, _, _, lora in calibration_settings(LoraSettings())
+        if (row := results.get(result_key(calibration_key(name, lora, model_name)))) is not None
+    ]
+    summaries = summarize(settings, rows, model_name)
+    digests = {_row_digest(s.lora, model_name) for s in settings}
+    passages = sorted({r["passage"] for r in rows if r["digest"] in digests})
+    notes = [
+        f"Student and teacher {model_name}; {len(passages)} passages ({', '.join(passages)}); one self-edit per "
+        f"passage (our teacher, implications, {samples_per_edit} sample(s) joined, seed 0), the same for every "
+        "setting.",
+        "τ gain: accuracy on all the passage's questions after the update minus before, asked without the "
+        "passage, graded 'contains'. Retention: the auditor's retention set (auditor/data/retention.json); "
+        "KL: mean per-token KL(base ‖ adapted) over the base's greedy continuations of the auditor's prompts.",
+    ]
+    summary = {
+        "settings": summaries,
+        "calibration": calibration,
+        "passages": passages,
+        "written_at": time.time(),
+    }
+    report.write_json(out / "summary.json", summary)
+    report.write_text_atomic(out / "table.md", markdown_table(summaries, calibration, notes))
+    return summary
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from seal.models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="seal bench retention",
+        description="what each guard against forgetting costs in learning, and what it saves",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the student (and teacher) model")
+    p.add_argument("--squad", type=int, default=6, help="SQuAD training passages besides the demo's three")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed of the training passages")
+    p.add_argument("--data", type=Path, default=default_data_dir(), help="the knowledge data folder")
+    p.add_argument("--settings", default="", help="comma-separated setting names (default: all)")
+    p.add_argument("--out", type=Path, default=Path("bench-out/retention"), help="results folder (resumed)")
+    p.add_argument(
+        "--samples-per-edit",
+        type=int,
+        default=1,
+        help="teacher samples joined into each passage's self-edit (a default job joins 3)",
+    )
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from seal.models import load_model, resolve_model
+
+    args = build_parser().parse_args(argv)
+    settings = retention_settings(LoraSettings())
+    if args.settings:
+        wanted = [s.strip() for s in args.settings.split(",") if s.strip()]
+        known = {s.name: s for s in settings}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SystemExit(f"unknown settings {unknown}; choose from {list(known)}")
+        settings = [known[w] for w in wanted]
+    passages = demo_passages() + (squad_passages(args.data, args.squad, args.seed) if args.squad else [])
+    model, tokenizer = load_model(resolve_model(args.model), device=args.device)
+    writer = teacher_writer(model, tokenizer, args.model, args.samples_per_edit)
+    print(f"{len(settings)} settings × {len(passages)} passages -> {args.out}", flush=True)
+    run_retention_bench(
+        model,
+        tokenizer,
+        passages,
+        settings,
+        args.out,
+        writer,
+        args.model,
+        log=lambda m: print(m, flush=True),
+        samples_per_edit=args.samples_per_edit,
+    )
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
