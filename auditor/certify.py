@@ -19,8 +19,31 @@ from typing import Any
 from auditor.evaluation import evaluate_document
 from auditor.grading import accuracy
 from auditor.guardrails import CheckResult
+from auditor.retention import Continuation, continuation_batch, token_kl
 from seal.models import merge_adapters
 from seal.records import Certificate, Document, DocumentAccuracy, LearnedDocument
+
+
+def kl_between(
+    base_model: Any, model: Any, tokenizer: Any, sequences: Sequence[Continuation], batch_size: int = 8
+) -> float:
+    """Mean per-token KL(base || model) over the continuation tokens of `sequences`: the KL shift of a
+    merged model, whose base is a separate model (auditor.retention.kl_shift is for a PEFT model)."""
+    import torch
+
+    total, count = 0.0, 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(sequences), batch_size):
+        ids, attention, targets = continuation_batch(
+            sequences[start : start + batch_size], pad_id, model.device
+        )
+        with torch.no_grad():
+            base = base_model(input_ids=ids, attention_mask=attention).logits
+            other = model(input_ids=ids, attention_mask=attention).logits
+        kl = token_kl(base[targets], other[targets])
+        total += float(kl.sum())
+        count += int(kl.numel())
+    return total / count if count else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from auditor.evaluation import anchor_accuracy, evaluate_document, load_adapter, unload_adapter
+from auditor.evaluation import evaluate_document, load_adapter, unload_adapter
 from auditor.grading import GRADING_METRICS, JUDGE_METRIC, accuracy, reward
-from auditor.guardrails import CheckResult, run_guardrails
+from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP, CheckResult, run_guardrails
 from auditor.judge import Judge, judge_scores
+from auditor.retention import (
+    Continuation,
+    base_continuations,
+    kl_shift,
+    load_kl_prompts,
+    retention_accuracy,
+)
 from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
 from seal.records import Document, QuestionScore, SelfEdit, Verdict
@@ -52,19 +59,17 @@ def audit(
     baseline_scores: list[QuestionScore] | None = None,
     signoff_baseline: list[QuestionScore] | None = None,
     metric: str = "contains",
-    max_forgetting: float = 0.2,
-    check_forgetting: bool = True,
     max_new_tokens: int | None = None,
-    anchor_before: float | None = None,
+    retention: Retention | None = None,
     judge: Judge | None = None,
     answer_style: str = "chat",
 ) -> Verdict:
     """Evaluate `doc`'s τ before and after the adapter; an unsigned verdict of reward and checks.
 
-    `baseline_scores` and `anchor_before` depend only on the base model (and document), so callers
-    cache them; they are computed here when missing (a cached baseline without the judge's grades
-    gets them). The base model is restored even on error. With `judge`, every τ answer is also
-    graded by it; a judge that cannot answer raises JudgeError, and no verdict is made.
+    `baseline_scores` and `retention` depend only on the base model (and document), so callers cache
+    them (`base_retention`); without `retention` the retention and KL checks are skipped. The base
+    model is restored even on error. With `judge`, every τ answer is also graded by it; a judge that
+    cannot answer raises JudgeError, and no verdict is made.
     """
     check_grading_metric(metric, judge is not None)
     started = time.perf_counter()
@@ -86,8 +91,6 @@ def audit(
         signoff_baseline = evaluate_document(
             base_model, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
         )
-    if check_forgetting and anchor_before is None:
-        anchor_before = anchor_accuracy(base_model, tokenizer, max_new_tokens, style=answer_style)
 
     peft_model = load_adapter(base_model, Path(adapter_dir))
     try:
@@ -102,11 +105,10 @@ def audit(
             if doc.signoff_questions
             else []
         )
-        anchor_after = (
-            anchor_accuracy(peft_model, tokenizer, max_new_tokens, style=answer_style)
-            if check_forgetting
-            else None
+        retention_after = (
+            retention_accuracy(peft_model, tokenizer, style=answer_style) if retention is not None else None
         )
+        kl = kl_shift(peft_model, tokenizer, retention.sequences) if retention is not None else None
     finally:
         unload_adapter(peft_model)
 
@@ -114,9 +116,11 @@ def audit(
     checks = run_guardrails(
         training_text,
         (*doc.questions, *doc.signoff_questions),
-        anchor_before,
-        anchor_after,
-        max_forgetting,
+        retention_before=retention.baseline if retention is not None else None,
+        retention_after=retention_after,
+        max_retention_drop=retention.max_drop if retention is not None else 0.0,
+        kl=kl,
+        max_kl=retention.max_kl if retention is not None else 0.0,
     )
     signoff_before = accuracy(signoff_baseline) if signoff_baseline else 0.0
     signoff_after = accuracy(signoff_scores) if signoff_scores else 0.0
@@ -156,6 +160,33 @@ def signoff_check(before: float, after: float, questions: int) -> CheckResult:
         f"sign-off accuracy {before:.3f} -> {after:.3f} on {questions} question(s) never used for selection"
     )
     return CheckResult("signoff", after > before, detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """What an update must keep of its base: the base's accuracy on the retention set and its own
+    continuations of the auditor's general prompts (for the KL shift), with the limits."""
+
+    baseline: float
+    sequences: tuple[Continuation, ...]
+    max_drop: float = MAX_RETENTION_DROP
+    max_kl: float = MAX_KL
+
+
+def base_retention(
+    base_model: Any,
+    tokenizer: Any,
+    answer_style: str = "chat",
+    max_drop: float = MAX_RETENTION_DROP,
+    max_kl: float = MAX_KL,
+) -> Retention:
+    """The base model's side of the retention checks: computed once per auditor, then cached."""
+    return Retention(
+        baseline=retention_accuracy(base_model, tokenizer, style=answer_style),
+        sequences=tuple(base_continuations(base_model, tokenizer, load_kl_prompts())),
+        max_drop=max_drop,
+        max_kl=max_kl,
+    )
 
 
 def format_check(check: CheckResult) -> str:

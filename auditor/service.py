@@ -15,10 +15,12 @@ from typing import Any
 
 import grpc
 
-from auditor.certify import RetentionProbe, certify
-from auditor.core import audit, check_grading_metric
-from auditor.evaluation import anchor_accuracy, evaluate_document
+from auditor.certify import RetentionProbe, certify, kl_between
+from auditor.core import Retention, audit, base_retention, check_grading_metric
+from auditor.evaluation import evaluate_document
+from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP
 from auditor.judge import Judge, LLMJudge, RedisJudgeCache, resolve_api_key
+from auditor.retention import retention_accuracy
 from seal import convert, metrics
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
@@ -81,7 +83,9 @@ class AuditorEngine:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Baseline answers depend only on the base model and the document: compute them once.
     _baselines: OrderedDict[str, list[QuestionScore]] = field(default_factory=OrderedDict)
-    _anchor_before: float | None = None
+    max_retention_drop: float = MAX_RETENTION_DROP
+    max_kl: float = MAX_KL
+    _retention: Retention | None = None
 
     def audit(self, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
         """Score `adapter` on the questions the gateway registered for the self-edit's job and sign it."""
@@ -115,8 +119,7 @@ class AuditorEngine:
                 if doc.signoff_questions
                 else None
             )
-            if self._anchor_before is None:
-                self._anchor_before = anchor_accuracy(self.model, self.tokenizer, style=self.answer_style)
+            retention = self._base_retention()
             verdict = audit(
                 self.model,
                 self.tokenizer,
@@ -129,7 +132,7 @@ class AuditorEngine:
                 baseline_scores=baseline,
                 signoff_baseline=signoff,
                 metric=self.metric,
-                anchor_before=self._anchor_before,
+                retention=retention,
                 judge=self.judge,
                 answer_style=self.answer_style,
             )
@@ -173,8 +176,22 @@ class AuditorEngine:
             )
         return self.signer.sign_certificate(certificate, ttl_s=self.verdict_ttl_s)
 
-    def _retention_probe(self) -> RetentionProbe | None:
-        return None
+    def _base_retention(self) -> Retention:
+        """The base's retention accuracy and KL continuations, computed once (under self.lock)."""
+        if self._retention is None:
+            self._retention = base_retention(
+                self.model, self.tokenizer, self.answer_style, self.max_retention_drop, self.max_kl
+            )
+        return self._retention
+
+    def _retention_probe(self) -> RetentionProbe:
+        retention = self._base_retention()
+
+        def measure(model: Any) -> tuple[float, float]:
+            kept = retention_accuracy(model, self.tokenizer, style=self.answer_style)
+            return kept, kl_between(self.model, model, self.tokenizer, retention.sequences)
+
+        return RetentionProbe(measure, retention.baseline, retention.max_drop, retention.max_kl)
 
     def _baseline(self, doc: Document) -> list[QuestionScore]:
         judge_model = self.judge.model if self.judge is not None else ""
@@ -291,6 +308,8 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         tls=tls,
         judge=build_judge(config, judge_key, plane),
         answer_style=config.answer_prompt,
+        max_retention_drop=config.max_retention_drop,
+        max_kl=config.max_kl,
     )
     worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
     certifier = make_worker(config, plane, "certify", certify_handler(engine), certify_followups)

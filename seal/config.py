@@ -88,6 +88,13 @@ class ServiceConfig:
     """Gateway: operator approvals (distinct identities) an adapter needs before it is promoted."""
     max_knowledge_drop: float = 0.25
     """Gateway: how far a promotion may lower an earlier document's sign-off accuracy (0..1)."""
+    max_retention_drop: float = 0.10
+    """Auditor: how far an update may lower the base's accuracy on the retention set (0..1); the
+    default is auditor.guardrails.MAX_RETENTION_DROP (a test keeps them equal)."""
+    max_kl: float = 0.05
+    """Auditor: the largest mean per-token KL(base || adapted) on general prompts an update may cause
+    (auditor.guardrails.MAX_KL)."""
+    """Gateway: how far a promotion may lower an earlier document's sign-off accuracy (0..1)."""
     # --- trust: verdict signing, authentication, transport security ------------------------------
     signing_key: str = ""
     """Auditor: its Ed25519 private key file (PEM); empty: <data_dir>/auditor-ed25519.key, made if missing."""
@@ -137,9 +144,11 @@ class ServiceConfig:
             )
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        for name in ("signoff_fraction", "max_knowledge_drop"):
+        for name in ("signoff_fraction", "max_knowledge_drop", "max_retention_drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.max_kl >= 0:
+            raise ValueError(f"max_kl must be >= 0, got {self.max_kl}")
         if self.required_approvals < 0:
             raise ValueError(f"required_approvals must be >= 0, got {self.required_approvals}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -115,7 +115,6 @@ def test_audit_of_a_cuda_adapter(cuda_bf16_model, tmp_path: Path) -> None:
         adapter.sha256,
         fingerprint,
         "gpu",
-        check_forgetting=False,
         max_new_tokens=8,
     )
     assert verdict.reward == pytest.approx(verdict.adapted_accuracy - verdict.baseline_accuracy)

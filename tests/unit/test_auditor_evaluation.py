@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import auditor.core
 import auditor.evaluation
-from auditor.core import AdapterMismatchError, audit
+from auditor.core import AdapterMismatchError, Retention, audit, base_retention
 from auditor.evaluation import (
     answer_questions,
     evaluate_document,
@@ -192,7 +193,7 @@ def _audit(model, tokenizer, adapter, doc=_AUDIT_DOC, self_edit=None, **kwargs):
 def test_audit_end_to_end_fields_are_consistent(tiny_model, adapter) -> None:
     model, tokenizer = tiny_model
     before = _state(model)
-    verdict = _audit(model, tokenizer, adapter)
+    verdict = _audit(model, tokenizer, adapter, retention=base_retention(model, tokenizer))
 
     assert (verdict.job_id, verdict.doc_index, verdict.self_edit_id) == ("job-1", 3, "edit-7")
     assert (verdict.adapter_sha256, verdict.base_fingerprint) == (adapter[1], "f" * 64)
@@ -208,7 +209,7 @@ def test_audit_end_to_end_fields_are_consistent(tiny_model, adapter) -> None:
     assert verdict.baseline_accuracy == sum(s.correct for s in verdict.baseline_scores) / 2
     assert verdict.adapted_accuracy == sum(s.correct for s in verdict.adapted_scores) / 2
     assert verdict.reward == verdict.adapted_accuracy - verdict.baseline_accuracy
-    assert [c.split(":")[0] for c in verdict.checks] == ["tau_leak", "forgetting"]
+    assert [c.split(":")[0] for c in verdict.checks] == ["tau_leak", "retention", "kl_shift"]
     assert verdict.passed == (verdict.reward > 0 and all(c.endswith(":pass") for c in verdict.checks))
     assert verdict.eval_seconds > 0
     assert verdict.signature == "" and verdict.auditor_key_id == ""  # the caller signs
@@ -225,33 +226,68 @@ def test_audit_passes_an_adapter_that_learned_the_answers(tiny_model, adapter) -
     unload_adapter(peft_model)
     doc = _doc(*zip(questions, learned, strict=True))
 
-    verdict = _audit(model, tokenizer, adapter, doc=doc)
+    lenient = dataclasses.replace(base_retention(model, tokenizer), max_kl=100.0)
+    verdict = _audit(model, tokenizer, adapter, doc=doc, retention=lenient)
     assert verdict.baseline_accuracy == 0.0, "precondition: the base model must not know the answers"
     assert verdict.adapted_accuracy == 1.0
     assert verdict.reward == 1.0
-    assert verdict.checks == ("tau_leak:pass", "forgetting:pass")
+    assert verdict.checks == ("tau_leak:pass", "retention:pass", "kl_shift:pass")
     assert verdict.passed
 
 
 def test_audit_fails_a_self_edit_that_quotes_tau(tiny_model, adapter) -> None:
     model, tokenizer = tiny_model
     leaky = _self_edit(_AUDIT_DOC, text="Where does the council meet? In Velmora.")
-    verdict = _audit(model, tokenizer, adapter, self_edit=leaky, check_forgetting=False)
+    verdict = _audit(model, tokenizer, adapter, self_edit=leaky)
     assert verdict.checks[0].startswith("tau_leak:fail:")
     assert len(verdict.checks) == 1
     assert not verdict.passed
 
 
-def test_audit_uses_the_cached_baseline_and_anchor(tiny_model, adapter) -> None:
+def test_audit_uses_the_cached_baseline_and_retention(tiny_model, adapter) -> None:
     model, tokenizer = tiny_model
     perfect = [grade_answer(q.question, q.answer, q.answer) for q in _AUDIT_DOC.questions]
-    # anchor_before=1.0: the tiny model answers no anchor, so forgetting must read as a full drop.
-    verdict = _audit(model, tokenizer, adapter, baseline_scores=perfect, anchor_before=1.0)
+    # A cached base retention of 1.0: the tiny model answers no retention question, so it reads as a
+    # full drop; no KL sequences, so no KL shift.
+    retention = Retention(baseline=1.0, sequences=())
+    verdict = _audit(model, tokenizer, adapter, baseline_scores=perfect, retention=retention)
     assert verdict.baseline_scores == tuple(perfect)
     assert verdict.baseline_accuracy == 1.0
     assert verdict.reward <= 0
-    assert verdict.checks[1].startswith("forgetting:fail:anchor accuracy 1.000 -> 0.000")
+    assert verdict.checks[1].startswith("retention:fail:")
+    assert "1.000 -> 0.000" in verdict.checks[1]
+    assert verdict.checks[2] == "kl_shift:pass"
     assert not verdict.passed
+
+
+def test_an_adapter_trained_to_forget_fails_the_kl_check(tiny_model, tmp_path) -> None:
+    """Repetitive nonsense at a high constant rate: it answers nothing better, and its drift from the
+    base on general prompts fails the KL check, whatever τ says."""
+    from student.artifacts import save_adapter
+    from student.training import train_adapter
+
+    model, tokenizer = tiny_model
+    # The tiny random model's next-token distributions are nearly flat, so its KL figures are ~100x
+    # smaller than the default model's: the limit is scaled to it (a mild update measures ~1e-6).
+    retention = dataclasses.replace(base_retention(model, tokenizer), max_kl=1e-3)
+
+    def adapter_of(texts: list[str], lora: LoraSettings) -> tuple[Path, str]:
+        peft_model, _ = train_adapter(model, tokenizer, texts, lora)
+        sha, path, _ = save_adapter(peft_model, tmp_path / str(len(texts)), {})
+        peft_model.unload()
+        return path, sha
+
+    mild = adapter_of(
+        ["Velmora hosts a council in spring."], LoraSettings(rank=8, epochs=1, learning_rate=1e-4)
+    )
+    forgetful = adapter_of(
+        ["zq zq zq zq zq zq zq zq zq zq zq zq"] * 4,
+        LoraSettings(rank=8, epochs=10, learning_rate=1e-2, schedule="constant"),
+    )
+    assert "kl_shift:pass" in _audit(model, tokenizer, mild, retention=retention).checks
+    verdict = _audit(model, tokenizer, forgetful, retention=retention)
+    kl_check = next(c for c in verdict.checks if c.startswith("kl_shift"))
+    assert kl_check.startswith("kl_shift:fail:") and not verdict.passed
 
 
 def test_audit_restores_the_base_when_evaluation_fails(tiny_model, adapter, monkeypatch) -> None:
@@ -359,7 +395,7 @@ def test_the_signed_statement_carries_the_judge_model(tiny_model, adapter) -> No
     from seal.signing import TrustedKeys, VerdictSigner, statement_of
 
     signer = VerdictSigner.generate()
-    verdict = signer.sign(_audit(*tiny_model, adapter, judge=_FakeJudge(), check_forgetting=False))
+    verdict = signer.sign(_audit(*tiny_model, adapter, judge=_FakeJudge()))
     statement = TrustedKeys.of(signer.public_key_bytes()).verify(verdict)
     assert statement.judge_model == "fake-judge-1" == statement_of(verdict).judge_model
     assert all(s.HasField("judged_correct") for s in statement.adapted_scores)
@@ -377,8 +413,8 @@ def test_audit_in_the_reference_style_asks_the_reference_prompt(tiny_model, adap
     monkeypatch.setattr(auditor.evaluation, "answer_questions", spy)
     verdict = _audit(model, tokenizer, adapter, answer_style="reference")
     tau = [question_prompt(_AUDIT_DOC.title, q.question, "reference") for q in _AUDIT_DOC.questions]
-    # Baseline τ, anchors before, adapted τ, anchors after: every one in the reference style.
-    assert [prompts == tau for prompts, _ in asked] == [True, False, True, False]
+    # Baseline τ, adapted τ: both in the reference style.
+    assert [prompts == tau for prompts, _ in asked] == [True, True]
     assert all(style == "reference" for _, style in asked)
     assert all(p.startswith("Let's answer a question directly") for prompts, _ in asked for p in prompts)
     assert all("\n" not in s.response for s in verdict.baseline_scores + verdict.adapted_scores)

@@ -171,3 +171,11 @@ def test_the_matrix_shows_each_versions_accuracy_on_every_document_learned() -> 
     text = render_deployment(deployment)
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     assert "production" in row and "50%" in row and "90%" in row
+
+
+def test_the_auditors_configured_limits_default_to_the_guardrails_constants() -> None:
+    from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP
+    from seal.config import ServiceConfig
+
+    config = ServiceConfig(kind="auditor")
+    assert (config.max_retention_drop, config.max_kl) == (MAX_RETENTION_DROP, MAX_KL)
