@@ -99,10 +99,8 @@ def _code(status: int) -> str:
     return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    status = exc.status if isinstance(exc, HttpError) else status_of(exc)[1]
-    if status >= 500 and status != 503:
-        log.error("http request failed", exc_info=exc)
+def error_headers(status: int) -> dict[str, str]:
+    """The headers an error status needs, for every API on this stack (the OpenAI one too)."""
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="seal"'
@@ -110,6 +108,14 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers["Retry-After"] = "1"
     if status in (408, 413):
         headers["Connection"] = "close"  # the rest of the body is unread: this connection is done
+    return headers
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status = exc.status if isinstance(exc, HttpError) else status_of(exc)[1]
+    if status >= 500 and status != 503:
+        log.error("http request failed", exc_info=exc)
+    headers = error_headers(status)
     message = str(exc) or type(exc).__name__
     if status == 503 and not isinstance(exc, HttpError):
         message = f"the job store (Redis) does not answer; retry shortly ({message})"

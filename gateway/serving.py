@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.auth import Authenticator, authorize
-from gateway.http import Endpoint, HttpError, HttpLimits, parse_json, read_body
+from gateway.http import Endpoint, HttpError, HttpLimits, error_headers, parse_json, read_body
 from seal.errors import InvalidArgument, NotFound, status_of
 
 log = logging.getLogger(__name__)
@@ -468,15 +468,8 @@ def openai_error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, NotFound):
         param = "model"
     code = "context_length_exceeded" if isinstance(exc, ContextLengthExceeded) else None
-    headers = {}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="seal"'
-    if status in (429, 503):
-        headers["Retry-After"] = "1"
-    if status in (408, 413):
-        headers["Connection"] = "close"  # the rest of the body is unread: this connection is done
     message = str(exc) or type(exc).__name__
-    return JSONResponse(openai_error_body(status, message, param, code), status, headers)
+    return JSONResponse(openai_error_body(status, message, param, code), status, error_headers(status))
 
 
 def _openai_errors(endpoint: Endpoint) -> Endpoint:

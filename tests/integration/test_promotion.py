@@ -235,6 +235,13 @@ def _record(v: dict) -> dict:
     return dataclasses.asdict(from_dict(Verdict, v))
 
 
+def _certified(certificate) -> dict:  # noqa: ANN001
+    """The auditor's certified event for `certificate`, as it reaches the gateway's event handler."""
+    return encode(
+        Event(job_id=f"deployment:{certificate.deployment}", certified=Certified(certificate=certificate))
+    )
+
+
 def _certify(model, tokenizer, version, adapters):  # noqa: ANN001, ANN202
     dirs = [adapters[layer.adapter.sha256] for layer in version.layers]
     certificate = certify(
@@ -265,7 +272,7 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
     tasks = jobs.redis.xrange(jobs.plane.stream_key("certify"))
     assert len(tasks) == 1  # the auditor's certification task
     certificate = _certify(model, tokenizer, version, adapters)
-    handle(encode(Event(job_id="deployment:faq", certified=Certified(certificate=certificate))))
+    handle(_certified(certificate))
     promoted = deployments.get("faq")
     assert promoted.alias("production") == 1 and promoted.versions[1].state is VersionState.PROMOTED
     assert [d.job_id for d in promoted.versions[1].certificate.documents] == [job.id]
@@ -316,28 +323,14 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
         job2, edit2, _ = _audited_job(jobs, handle, second, fp, title="Eta")
         v2 = api.promote("faq", job2.id, edit2.id)
         assert v2.parent == 1 and len(v2.layers) == 2
-        handle(
-            encode(
-                Event(
-                    job_id="deployment:faq",
-                    certified=Certified(certificate=_certify(model, tokenizer, v2, adapters)),
-                )
-            )
-        )
+        handle(_certified(_certify(model, tokenizer, v2, adapters)))
         assert deployments.get("faq").alias("production") == 2
         assert [d.job_id for d in deployments.version("faq", 2).certificate.documents] == [job.id, job2.id]
 
         # A shadow version answers the same requests after the client has its answer; both are logged.
         api.rollback("faq", "production", 1)
         v3 = api.promote("faq", job2.id, edit2.id, alias="shadow")
-        handle(
-            encode(
-                Event(
-                    job_id="deployment:faq",
-                    certified=Certified(certificate=_certify(model, tokenizer, v3, adapters)),
-                )
-            )
-        )
+        handle(_certified(_certify(model, tokenizer, v3, adapters)))
         assert deployments.get("faq").alias("shadow") == 3
         assert ask("faq") == adapted  # production (version 1) still answers the client
         log_key = deployments.plane.key("shadow-log")
