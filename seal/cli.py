@@ -485,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "retention"]:
+        # The retention study keeps its own command line (seal.bench.retention.build_parser).
+        from seal.bench.retention import main as retention_main
+
+        return retention_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -843,6 +843,19 @@ def add_bench_commands(sub: Any) -> None:
 
     add_rest_em_command(sub, default_data_dir())
     add_continual_command(sub)
+    retention = sub.add_parser(
+        "retention",
+        help="learning against retention, per guard against forgetting (resumable); --help for its flags",
+        add_help=False,
+    )
+    retention.set_defaults(func=_retention)
+
+
+def _retention(args: argparse.Namespace) -> int:
+    """`seal bench retention` with no flags (seal.cli.main hands any flags to its own parser)."""
+    from seal.bench.retention import main
+
+    return main([])
 
 
 def _with_teacher_default(
