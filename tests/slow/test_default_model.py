@@ -87,8 +87,6 @@ def test_a_self_edit_lifts_accuracy_on_an_invented_passage(default_model, tmp_pa
         "slow",
         baseline_scores=baseline,
     )
-    # >= 0.6 passed in most runs; one fresh-clone run under heavy CPU contention failed it (cause not
-    # found), so the test asks for a clear gain over the <= 0.2 baseline rather than that figure.
-    assert verdict.adapted_accuracy >= 0.4, [s.response for s in verdict.adapted_scores]
+    assert verdict.adapted_accuracy >= 0.6, [s.response for s in verdict.adapted_scores]
     assert verdict.reward == pytest.approx(verdict.adapted_accuracy - verdict.baseline_accuracy)
     assert "tau_leak:pass" in verdict.checks
