@@ -244,6 +244,11 @@ class SelfEdit:
     # Update directives written in the self-edit (JSON object text), and why they were refused if so.
     directives: str = ""
     directive_error: str = ""
+    # Tokens the teacher's backend counted for it: a request's usage split evenly over its choices
+    # (types.proto SelfEdit says how; 0 when the backend reports none). Zero values leave the
+    # self-edit's digest as it was before these fields existed.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)

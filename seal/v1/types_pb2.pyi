@@ -295,6 +295,8 @@ class SelfEdit(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     DIRECTIVES_FIELD_NUMBER: _builtins.int
     DIRECTIVE_ERROR_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     job_id: _builtins.str
     doc_index: _builtins.int
@@ -312,6 +314,15 @@ class SelfEdit(_message.Message):
     """
     directive_error: _builtins.str
     """Why the directives were not applied ("" when applied or absent)."""
+    prompt_tokens: _builtins.int
+    """Tokens the teacher's backend counted for the request(s) that wrote this self-edit's samples (0
+    when it reports none, and for the passage control). A request for n choices is counted once and
+    its prompt and completion tokens are split evenly over its choices (the remainder to the first
+    ones); a self-edit adds up the shares of its samples. So the sum over the self-edits of one
+    propose call is what the backend billed, while one self-edit's completion_tokens is exact only
+    where the backend counts per choice (transformers) or a request had one choice.
+    """
+    completion_tokens: _builtins.int
     @_builtins.property
     def passage(self) -> Global___Passage: ...
     @_builtins.property
@@ -335,10 +346,12 @@ class SelfEdit(_message.Message):
         policy_version: _builtins.str = ...,
         directives: _builtins.str = ...,
         directive_error: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "passage", b"passage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_error", b"directive_error", "directives", b"directives", "doc_index", b"doc_index", "format", b"format", "generation_seconds", b"generation_seconds", "id", b"id", "index", b"index", "job_id", b"job_id", "lines", b"lines", "lora", b"lora", "passage", b"passage", "policy_version", b"policy_version", "teacher_model", b"teacher_model", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "directive_error", b"directive_error", "directives", b"directives", "doc_index", b"doc_index", "format", b"format", "generation_seconds", b"generation_seconds", "id", b"id", "index", b"index", "job_id", b"job_id", "lines", b"lines", "lora", b"lora", "passage", b"passage", "policy_version", b"policy_version", "prompt_tokens", b"prompt_tokens", "teacher_model", b"teacher_model", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -364,3 +364,22 @@ def test_document_passage_drops_the_questions():
     doc = SPEC.documents[0]
     assert doc.passage() == Passage(title=doc.title, context=doc.context)
     assert doc.passage().digest() == dataclasses.replace(doc, questions=()).passage().digest()
+
+
+# --- SelfEdit digest -----------------------------------------------------------------------------
+
+
+def test_self_edit_digest_is_pinned_and_zero_token_usage_leaves_it_as_it_was():
+    """A pinned value from before token usage existed: verdicts signed over old self-edits still
+    verify, because proto3 does not serialize zero-valued fields."""
+    from seal.digests import self_edit_sha256
+
+    assert self_edit_sha256(SELF_EDIT) == "e6cf60df6ac60528c7be530aa793b9bc0ed5f468605b0dd10dd52cc10d92173b"
+    used = dataclasses.replace(SELF_EDIT, prompt_tokens=40, completion_tokens=12)
+    # Usage is part of the record: it is bound like generation_seconds, and survives JSON.
+    assert self_edit_sha256(used) != self_edit_sha256(SELF_EDIT)
+    assert from_json(SelfEdit, to_json(used)) == used
+    old_json = {
+        k: v for k, v in to_dict(SELF_EDIT).items() if k not in ("prompt_tokens", "completion_tokens")
+    }
+    assert from_dict(SelfEdit, old_json) == SELF_EDIT
