@@ -480,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="benchmarks: the SEAL results table and the recipe study (resumable)"
     )
-    add_bench_commands(bench.add_subparsers(dest="bench", required=True))
+    bench_commands = bench.add_subparsers(dest="bench", required=True)
+    add_bench_commands(bench_commands)
+    from seal.bench.inner_loop import add_inner_loop_command
+
+    add_inner_loop_command(bench_commands)
     return parser
 
 
