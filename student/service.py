@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from seal.v1 import student_pb2, student_pb2_grpc, types_pb2
 from seal.validation import Limits, validate_lora, validate_passage
 from seal.workplane import Task
 from student.artifacts import adapter_path, iter_adapter_chunks, list_adapters, prune_adapters
-from student.core import apply_self_edit
+from student.core import apply_self_edit, apply_self_edits
 from student.sequences import build_training_texts
 from student.training import tokenize_texts
 
@@ -46,6 +46,8 @@ class StudentEngine:
     max_train_tokens: int = 2_000_000
     retention: int = 0
     registry: StudentRegistry | None = None
+    # The base's compute dtype when updates train together (student.multi.COMPUTE_DTYPES).
+    compute_dtype: str = "float32"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def apply(
@@ -66,12 +68,42 @@ class StudentEngine:
                 on_step=on_step,
                 run=run,
             )
-            for sha in prune_adapters(self.adapters_root, self.retention):
-                if self.registry is not None:
-                    self.registry.remove_holder(sha, self.student_id)
+            self.prune()
         if self.registry is not None:
             self.registry.add_holder(adapter.sha256, self.student_id)
         return adapter
+
+    def apply_many(self, updates: Sequence[tuple[SelfEdit, int]]) -> list[AdapterRef]:
+        """Apply several (self-edit, run) pairs with their LoRAs trained together in one batched pass
+        (student.multi); adapters in the order given. Every update is checked before any trains."""
+        for i, (self_edit, _) in enumerate(updates):
+            field_name = f"updates[{i}].self_edit"
+            validate_passage(
+                self_edit.passage.title, self_edit.passage.context, self.limits, f"{field_name}.passage"
+            )
+            validate_lora(self_edit.lora, f"{field_name}.lora")
+            self.check_budget(self_edit)
+        with self.lock:
+            adapters = apply_self_edits(
+                self.model,
+                self.tokenizer,
+                updates,
+                base_model_name=self.base_model_name,
+                base_fingerprint=self.base_fingerprint,
+                adapters_root=self.adapters_root,
+                student_id=self.student_id,
+                compute_dtype=self.compute_dtype,
+            )
+            self.prune()
+        if self.registry is not None:
+            for adapter in adapters:
+                self.registry.add_holder(adapter.sha256, self.student_id)
+        return adapters
+
+    def prune(self) -> None:
+        for sha in prune_adapters(self.adapters_root, self.retention):
+            if self.registry is not None:
+                self.registry.remove_holder(sha, self.student_id)
 
     def check_budget(self, self_edit: SelfEdit) -> None:
         """Refuse an update whose compute (epochs x training tokens) exceeds the configured budget."""

@@ -23,7 +23,7 @@ from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 from seal.records import LoraSettings
 from seal.validation import SCHEDULES
-from student.general import KL_BATCH, general_data, kl_batches, kl_penalty
+from student.general import KL_BATCH, BaseAnswer, general_data, kl_batches, kl_penalty
 from student.sequences import IGNORE_INDEX, batches, pad_batch
 
 
@@ -53,17 +53,13 @@ def train_adapter(
     # Seed before wrapping: LoRA's A matrices are randomly initialised.
     torch.manual_seed(lora.seed)
     peft_model = get_peft_model(model, lora_config(model, lora))
-    sequences = tokenize_texts(tokenizer, texts, lora.max_seq_len)
-    sequences += [list(a.ids[: lora.max_seq_len]) for a in general.replay]
+    sequences = training_sequences(tokenizer, texts, lora, general.replay)
     kl_stream = kl_batches(general.kl, KL_BATCH, lora.seed) if general.kl else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(peft_model.parameters()).device
 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    # No weight decay: the Hugging Face Trainer default the reference runs.
-    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
-    total_steps = lora.epochs * -(-len(sequences) // lora.batch_size)
-    scheduler = make_scheduler(optimizer, lora.schedule, total_steps)
+    optimizer, scheduler = make_optimizer(trainable, lora, len(sequences))
 
     losses: list[float] = []
     kls: list[float] = []
@@ -97,6 +93,28 @@ def train_adapter(
         peft_model.eval()
     seconds = time.perf_counter() - started
     return peft_model, TrainStats(len(losses), losses, seconds, kls, replayed=len(general.replay))
+
+
+def training_sequences(
+    tokenizer: Any, texts: list[str], lora: LoraSettings, replay: Sequence[BaseAnswer]
+) -> list[list[int]]:
+    """The update's token sequences: each text (see `tokenize_texts`), then the replayed base answers."""
+    sequences = tokenize_texts(tokenizer, texts, lora.max_seq_len)
+    return sequences + [list(a.ids[: lora.max_seq_len]) for a in replay]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def make_optimizer(
+    trainable: list[torch.nn.Parameter], lora: LoraSettings, n_sequences: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and its learning-rate schedule over `lora.epochs` passes of `n_sequences` sequences."""
+    # No weight decay: the Hugging Face Trainer default the reference runs.
+    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
+    total_steps = lora.epochs * -(-n_sequences // lora.batch_size)
+    return optimizer, make_scheduler(optimizer, lora.schedule, total_steps)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int) -> Any:
