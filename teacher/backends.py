@@ -3,6 +3,9 @@
 Each returns, for every prompt, `n` completions of new text only (no prompt, no special tokens).
 `policy_version` picks the teacher policy: "" is the base model, else a LoRA version saved in a
 `teacher.policies.PolicyStore`. Build one by name with `BACKENDS[name](**kwargs)`.
+
+A backend that counts tokens returns `Completion`s (strings that also carry the tokens they cost);
+the teacher's core adds them up onto each self-edit.
 """
 
 from __future__ import annotations
@@ -10,22 +13,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from seal.errors import InvalidArgument, NotFound
+import openai
+
+from seal.errors import FailedPrecondition, InvalidArgument, NotFound
 from seal.models import render_prompt
 from seal.records import SamplingSettings
 from teacher.policies import PolicyStore
 
 log = logging.getLogger(__name__)
 
-# Statuses worth another try: rate limiting and server-side trouble.
-_RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 _ERROR_SNIPPET_CHARS = 500
 
 
@@ -40,7 +40,55 @@ class Generator(Protocol):
 
 
 class GenerationError(RuntimeError):
-    """A backend could not produce completions (bad request, server down, malformed reply)."""
+    """A backend could not produce completions: the server down, overloaded, too slow, or answering
+    nonsense. Transient as far as anyone can tell (not a PermanentError): the work plane keeps the
+    task and retries it later, up to its max_attempts."""
+
+
+class GenerationRefused(GenerationError, FailedPrecondition):
+    """The server refused the request as made (HTTP 400, 401, 403, 404, 422...): a wrong key, an
+    unknown model, a setting it does not take. Asking again cannot help, so the work plane
+    dead-letters the task with this message at once (and gRPC answers FAILED_PRECONDITION)."""
+
+
+class Completion(str):
+    """One sampled text that also carries the tokens it cost, as the backend counted them.
+
+    A str, so callers that want the text alone never notice; backends that count nothing return
+    plain strings (0 tokens). When one request produced several choices, its prompt tokens (and,
+    where the backend counts per request only, its completion tokens) are split evenly over them,
+    so the shares of a request add up to what it cost.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __new__(cls, text: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> Completion:
+        completion = super().__new__(cls, text)
+        completion.prompt_tokens = prompt_tokens
+        completion.completion_tokens = completion_tokens
+        return completion
+
+
+def token_usage(samples: Iterable[str]) -> tuple[int, int]:
+    """The (prompt, completion) tokens of `samples` added up; a plain string counts nothing."""
+    counted = [s for s in samples if isinstance(s, Completion)]
+    return sum(s.prompt_tokens for s in counted), sum(s.completion_tokens for s in counted)
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` whole shares that differ by at most one (the larger first) and add up to it."""
+    base, extra = divmod(max(total, 0), parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def request_completions(
+    texts: list[str], prompt_tokens: int, completion_tokens: list[int]
+) -> list[Completion]:
+    """One request's texts as Completions: its prompt tokens shared evenly over them, and each text's
+    own completion tokens (one count per text)."""
+    shares = split_evenly(prompt_tokens, len(texts)) if texts else []
+    return [Completion(t, p, c) for t, p, c in zip(texts, shares, completion_tokens, strict=True)]
 
 
 def _check_n(n: int) -> None:
@@ -141,12 +189,26 @@ class TransformersGenerator:
         # Greedy decoding gives n identical answers: decode once, copy.
         copies = 1 if greedy else n
         texts = [render_prompt(self.tokenizer, p, self.use_chat_template) for p in prompts]
-        new_tokens = self._generate_tokens(texts, sampling, copies)
+        new_tokens, prompt_tokens = self._generate_tokens(texts, sampling, copies)
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        per_prompt = [decoded[i * copies : (i + 1) * copies] for i in range(len(prompts))]
-        return [group * n if greedy else group for group in per_prompt]
+        # Padding fills a row after its end (and where pad is the end-of-sequence token, that end).
+        generated = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
+        out = []
+        for i, prompt_length in enumerate(prompt_tokens):
+            rows = range(i * copies, (i + 1) * copies)
+            if greedy:  # one answer stands for all n: its tokens are shared, as a request's are
+                group = [decoded[rows[0]]] * n
+                spent = split_evenly(generated[rows[0]], n)
+            else:
+                group = [decoded[r] for r in rows]
+                spent = [generated[r] for r in rows]
+            out.append(request_completions(group, prompt_length, spent))
+        return out
 
-    def _generate_tokens(self, texts: list[str], sampling: SamplingSettings, copies: int) -> Any:
+    def _generate_tokens(
+        self, texts: list[str], sampling: SamplingSettings, copies: int
+    ) -> tuple[Any, list[int]]:
+        """The new tokens of every sequence, and each prompt's length in tokens (padding excluded)."""
         import torch
 
         templated = self.use_chat_template and bool(self.tokenizer.chat_template)
@@ -163,7 +225,7 @@ class TransformersGenerator:
                 num_return_sequences=copies,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        return output[:, batch["input_ids"].shape[1] :]
+        return output[:, batch["input_ids"].shape[1] :], batch["attention_mask"].sum(dim=1).tolist()
 
 
 def _transformers_sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
@@ -175,6 +237,10 @@ def _transformers_sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
 
 
 # --- OpenAI-compatible HTTP ------------------------------------------------------------------------
+
+# What the openai client retries itself (request timeout, lock conflict, rate limiting, server
+# trouble): a status still among these once its retries are spent is worth a later try.
+TRANSIENT_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 
 def chat_completion_body(model: str, prompt: str, sampling: SamplingSettings, n: int) -> dict[str, Any]:
@@ -190,18 +256,41 @@ def chat_completion_body(model: str, prompt: str, sampling: SamplingSettings, n:
     }
 
 
-def completion_texts(response: dict[str, Any]) -> list[str]:
-    """The message texts of a /chat/completions response, in choice order."""
+def parse_completions(response: Any) -> list[Completion]:
+    """The choices of a /chat/completions response in index order, with its `usage` shared over them.
+
+    The API reports usage per request, not per choice, so completion tokens are split evenly too;
+    a response without usage counts 0.
+    """
     try:
         choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
-        return [c["message"]["content"] or "" for c in choices]
+        texts = [c["message"]["content"] or "" for c in choices]
     except (KeyError, TypeError, AttributeError) as exc:
         snippet = json.dumps(response)[:_ERROR_SNIPPET_CHARS]
-        raise GenerationError(f"malformed chat completion response (missing {exc}): {snippet}") from exc
+        raise GenerationError(f"malformed chat completion response (missing {exc}): {snippet}") from None
+    usage = response.get("usage")
+    completion_tokens = split_evenly(_count(usage, "completion_tokens"), len(texts)) if texts else []
+    return request_completions(texts, _count(usage, "prompt_tokens"), completion_tokens)
+
+
+def _count(usage: Any, key: str) -> int:
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 class OpenAIGenerator:
-    """Samples from any server speaking the OpenAI chat completions API (vLLM, llama.cpp, OpenAI...)."""
+    """Samples from any server speaking the OpenAI chat completions API (vLLM, llama.cpp, OpenAI...).
+
+    The official `openai` client does the HTTP: each request's timeout, and its retries with
+    exponential backoff (0.5 s doubling up to 8 s, with jitter) or after the server's Retry-After
+    (up to two minutes). What is still wrong after its retries raises GenerationError (transient: the
+    work plane retries the task later) or GenerationRefused (the request as made was refused: the
+    task is dead-lettered); either names the URL, the status and the start of the server's answer,
+    never the API key.
+
+    A server that returns fewer choices than asked (some ignore `n`) is asked again for the rest;
+    `max_n` (0: no cap) caps the choices asked of one request, for servers that refuse n > 1.
+    """
 
     def __init__(
         self,
@@ -210,14 +299,22 @@ class OpenAIGenerator:
         api_key: str = "",
         timeout_s: float = 120,
         max_retries: int = 3,
-        backoff_s: float = 1.0,
+        max_n: int = 0,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.name = model
-        self.api_key = api_key
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.max_n = max_n
+        self._api_key = api_key
+        # The client insists on some key; a local server without auth ignores this placeholder.
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or "unused", timeout=timeout_s, max_retries=max_retries
+        )
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIGenerator(base_url={self.base_url!r}, model={self.name!r})"
 
     def generate(
         self, prompts: list[str], sampling: SamplingSettings, n: int, *, policy_version: str = ""
@@ -232,48 +329,68 @@ class OpenAIGenerator:
         return [self._sample(prompt, sampling, n) for prompt in prompts]
 
     def _sample(self, prompt: str, sampling: SamplingSettings, n: int) -> list[str]:
-        texts: list[str] = []
+        completions: list[Completion] = []
         # Some servers ignore `n` and return one choice: ask again for the rest, with a fresh seed so
         # a seeded server does not repeat itself.
-        while len(texts) < n:
-            call = chat_completion_body(self.name, prompt, sampling, n - len(texts))
-            call["seed"] = sampling.seed + len(texts)
-            got = completion_texts(self._post(call))
+        while len(completions) < n:
+            wanted = n - len(completions)
+            body = chat_completion_body(self.name, prompt, sampling, min(wanted, self.max_n or wanted))
+            body["seed"] = sampling.seed + len(completions)
+            got = self._post(body)
             if not got:
-                raise GenerationError(f"{self.url} returned no choices for a request of n={call['n']}")
-            texts.extend(got)
-        return texts[:n]
+                raise GenerationError(f"{self.url} returned no choices for a request of n={body['n']}")
+            completions.extend(got)
+        return list(completions[:n])
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last_error = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                last_error = f"HTTP {exc.code}: {_body_snippet(exc)}"
-                if exc.code not in _RETRYABLE_STATUS:
-                    raise GenerationError(f"POST {self.url} failed with {last_error}") from exc
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-            except json.JSONDecodeError as exc:
-                raise GenerationError(f"POST {self.url} returned a body that is not JSON: {exc}") from exc
-            log.warning("teacher request failed, retrying", extra={"url": self.url, "error": last_error})
-        raise GenerationError(f"POST {self.url} failed after {self.max_retries + 1} attempts: {last_error}")
+    def _post(self, body: dict[str, Any]) -> list[Completion]:
+        try:
+            response = self._client.chat.completions.with_raw_response.create(**body)
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc) from None
+        except openai.APITimeoutError as exc:
+            raise GenerationError(
+                f"POST {self.url} got no answer within {self.timeout_s} s "
+                f"({self._attempts(exc.request)} attempts): the server is stuck or overloaded "
+                "(a longer --openai-timeout-s helps if it is only slow)"
+            ) from None
+        except openai.APIConnectionError as exc:
+            cause = self._redact(str(exc.__cause__ or exc))[:_ERROR_SNIPPET_CHARS]
+            raise GenerationError(
+                f"POST {self.url} could not connect ({cause}; {self._attempts(exc.request)} attempts); "
+                "is the server up?"
+            ) from None
+        try:
+            return parse_completions(json.loads(response.text))
+        except json.JSONDecodeError as exc:
+            snippet = self._redact(response.text[:_ERROR_SNIPPET_CHARS])
+            raise GenerationError(
+                f"POST {self.url} returned a body that is not JSON ({exc.msg}): {snippet}"
+            ) from None
+        except GenerationError as exc:
+            raise GenerationError(self._redact(f"POST {self.url} returned a {exc}")) from None
 
+    def _status_error(self, exc: openai.APIStatusError) -> GenerationError:
+        status = exc.status_code
+        body = self._redact(exc.response.text[:_ERROR_SNIPPET_CHARS])
+        if status in TRANSIENT_STATUS:
+            attempts = self._attempts(exc.response.request)
+            return GenerationError(
+                f"POST {self.url} failed with HTTP {status} after {attempts} attempts: {body}"
+            )
+        return GenerationRefused(
+            f"POST {self.url} was refused with HTTP {status}, not retried (check the model name, the API "
+            f"key and the sampling settings): {body}"
+        )
 
-def _body_snippet(exc: urllib.error.HTTPError) -> str:
-    try:
-        return exc.read()[:_ERROR_SNIPPET_CHARS].decode(errors="replace")
-    except OSError:
-        return ""
+    def _attempts(self, request: Any) -> int:
+        """Tries the client made: it numbers its retries in a header of each request it sends."""
+        try:
+            return int(request.headers["x-stainless-retry-count"]) + 1
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return self.max_retries + 1
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "[api key]") if self._api_key else text
 
 
 # --- vLLM ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import time
 
 from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings, SelfEdit
 from seal.validation import Limits
-from teacher.backends import Generator
+from teacher.backends import Generator, token_usage
 from teacher.prompts import build_prompt, parse_self_edit, split_directives
 
 # What a self-edit may set for its own update, and the type each takes.
@@ -42,6 +42,7 @@ def propose_self_edits(
     A completion that parses to no lines is kept (the student then trains on the passage alone):
     the outer RL loop needs its low reward. Directives a completion writes set its own LoRA
     settings within `limits`; refused ones leave `lora` as it is and say why on the self-edit.
+    Each self-edit records the tokens its samples cost, where the generator counts them.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -57,9 +58,11 @@ def propose_self_edits(
         raise RuntimeError(
             f"generator {generator.name!r} returned {len(samples)} completions, wanted {n * k}"
         )
-    completions = ["\n\n".join(samples[i * k : (i + 1) * k]) for i in range(n)]
     edits = []
-    for index, text in enumerate(completions):
+    for index in range(n):
+        own = samples[index * k : (index + 1) * k]
+        text = "\n\n".join(own)
+        prompt_tokens, completion_tokens = token_usage(own)
         directives = split_directives(text)[0]
         effective, error = apply_directives(lora, directives, limits)
         edits.append(
@@ -78,6 +81,8 @@ def propose_self_edits(
                 policy_version=policy_version,
                 directives=directives,
                 directive_error=error,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
             )
         )
     return edits

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from seal import convert
+from seal.apikeys import read_api_key
 from seal.config import ServiceConfig
 from seal.errors import FailedPrecondition, InvalidArgument
 from seal.records import (
@@ -192,7 +193,12 @@ def build_generator(config: ServiceConfig, policies: PolicyStore | None = None) 
         if not config.openai_base_url or not config.openai_model:
             raise ValueError("backend openai needs --openai-base-url and --openai-model")
         generator = BACKENDS["openai"](
-            base_url=config.openai_base_url, model=config.openai_model, api_key=config.openai_api_key
+            base_url=config.openai_base_url,
+            model=config.openai_model,
+            api_key=read_api_key(config.openai_api_key_file, config.openai_api_key, "OpenAI API key"),
+            timeout_s=config.openai_timeout_s,
+            max_retries=config.openai_max_retries,
+            max_n=config.openai_max_n,
         )
         return generator, ""
     if config.backend == "vllm":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seal.records import EditFormat, LoraSettings, Passage, SamplingSettings, SelfEdit
-from teacher.backends import TransformersGenerator
+from teacher.backends import TransformersGenerator, request_completions
 from teacher.core import passage_control, propose_self_edits
 from teacher.prompts import build_prompt
 
@@ -167,3 +167,23 @@ def test_each_self_edit_joins_its_samples_in_one_generate_call():
     assert [e.text for e in edits] == ["1. Alpha.\n\n2. Beta.", "3. Gamma.\n\n4. Delta."]
     assert [e.lines for e in edits] == [("Alpha.", "Beta."), ("Gamma.", "Delta.")]
     assert [e.id for e in edits] == ["j/0/0", "j/0/1"]
+    # A generator that counts no tokens (plain strings) leaves the usage at 0.
+    assert [(e.prompt_tokens, e.completion_tokens) for e in edits] == [(0, 0), (0, 0)]
+
+
+def test_each_self_edit_adds_up_the_tokens_of_its_samples():
+    """One request of 4 choices (prompt 10 tokens, 2+3+4+5 generated): what it cost, per self-edit."""
+    samples = request_completions(["1. A.", "2. B.", "3. C.", "4. D."], 10, [2, 3, 4, 5])
+    edits = propose_self_edits(
+        ScriptedGenerator(samples),
+        PASSAGE,
+        EditFormat.IMPLICATIONS,
+        2,
+        LORA,
+        SAMPLING,
+        "j",
+        0,
+        samples_per_edit=2,
+    )
+    assert [(e.prompt_tokens, e.completion_tokens) for e in edits] == [(6, 5), (4, 9)]
+    assert sum(e.prompt_tokens for e in edits) == 10
