@@ -46,7 +46,17 @@ class ServiceConfig:
     openai_model: str = ""
     """Teacher with backend=openai: the model name the API serves."""
     openai_api_key: str = field(default="", repr=False)
-    """Teacher with backend=openai: API key (prefer the SEAL_OPENAI_API_KEY variable)."""
+    """Teacher with backend=openai: API key (prefer the SEAL_OPENAI_API_KEY variable or a key file)."""
+    openai_api_key_file: str = ""
+    """Teacher with backend=openai: file holding the API key; when set it wins over openai_api_key."""
+    openai_timeout_s: float = 120.0
+    """Teacher with backend=openai: seconds one HTTP request may take before it counts as failed."""
+    openai_max_retries: int = 3
+    """Teacher with backend=openai: retries of a failed request (backoff, or the server's Retry-After)
+    before the task fails; a task failed by a down or overloaded server is retried later."""
+    openai_max_n: int = 0
+    """Teacher with backend=openai: most choices asked of one request (1 for servers that refuse
+    n > 1, as llama.cpp's and seal's own do); 0: no cap."""
     http_listen: str = "127.0.0.1:8080"
     """Gateway: HTTP/JSON listen address (empty disables HTTP)."""
     grading_metric: str = "contains"
@@ -61,6 +71,19 @@ class ServiceConfig:
     answer_prompt: str = "chat"
     """Auditor: how τ is asked: chat (the question as one turn of the chat template) or reference
     (the paper's raw base-model prompt, up to 64 tokens, the answer cut at its first newline)."""
+    answer_backend: str = "transformers"
+    """Auditor: the engine that answers τ, sign-off and retention questions: transformers or vllm
+    (base and adapters as LoRA requests of one vLLM server; the KL shift stays on transformers)."""
+    audit_workers: int = 1
+    """Auditor: audits run at once; with answer_backend=vllm, their questions batch together in vLLM."""
+    vllm_url: str = ""
+    """Teacher (backend=vllm) and auditor (answer_backend=vllm): base URL (…/v1) of a running vLLM
+    server of this same base model; empty: the service starts its own from vllm_python."""
+    vllm_python: str = ""
+    """The interpreter of a vLLM environment (`make vllm-env` builds .venv-vllm); empty:
+    SEAL_VLLM_PYTHON, else .venv-vllm/bin/python beside the code."""
+    vllm_memory_fraction: float = 0.25
+    """Share of the accelerator's memory (on CPU builds: of host memory) vLLM reserves for its cache."""
     visibility_timeout_s: float = 120.0
     """A task unacknowledged this long (no heartbeat) is reclaimed by another worker."""
     max_attempts: int = 3
@@ -94,7 +117,6 @@ class ServiceConfig:
     max_kl: float = 0.05
     """Auditor: the largest mean per-token KL(base || adapted) on general prompts an update may cause
     (auditor.guardrails.MAX_KL)."""
-    """Gateway: how far a promotion may lower an earlier document's sign-off accuracy (0..1)."""
     # --- trust: verdict signing, authentication, transport security ------------------------------
     signing_key: str = ""
     """Auditor: its Ed25519 private key file (PEM); empty: <data_dir>/auditor-ed25519.key, made if missing."""
@@ -144,6 +166,10 @@ class ServiceConfig:
             )
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if not math.isfinite(self.openai_timeout_s) or self.openai_timeout_s <= 0:
+            raise ValueError(f"openai_timeout_s must be a finite number > 0, got {self.openai_timeout_s}")
+        if self.openai_max_retries < 0 or self.openai_max_n < 0:
+            raise ValueError("openai_max_retries and openai_max_n must be >= 0")
         for name in ("signoff_fraction", "max_knowledge_drop", "max_retention_drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -155,6 +181,12 @@ class ServiceConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.answer_prompt not in ("chat", "reference"):
             raise ValueError(f"answer_prompt must be chat or reference, got {self.answer_prompt!r}")
+        if self.answer_backend not in ("transformers", "vllm"):
+            raise ValueError(f"answer_backend must be transformers or vllm, got {self.answer_backend!r}")
+        if self.audit_workers < 1:
+            raise ValueError(f"audit_workers must be >= 1, got {self.audit_workers}")
+        if not 0 < self.vllm_memory_fraction <= 1:
+            raise ValueError(f"vllm_memory_fraction must be in (0, 1], got {self.vllm_memory_fraction}")
         if bool(self.judge_base_url) != bool(self.judge_model):
             raise ValueError(
                 "a judge needs both judge_base_url and judge_model (--judge-base-url, --judge-model)"
