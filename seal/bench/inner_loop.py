@@ -70,7 +70,8 @@ VLLM = "vllm"
 
 @dataclass(frozen=True)
 class Settings:
-    """One run's settings; everything here except `skip` is part of the rows' digests."""
+    """One run's settings. A stored row is reused only under the settings that shaped it
+    (InnerLoopBench.digest), so a changed recipe or machine setting reruns its rows."""
 
     model: str = DEFAULT_MODEL
     contexts: int = 2
@@ -848,6 +849,8 @@ class InnerLoopBench:
             ],
             trainer_c=self.trainer_c,
             answerers_given=sorted(self.answerers),
+            golds={c.index: [qa.answer for qa in c.doc.questions] for c in contexts},
+            base_digest=self.digest("base"),
         )
 
     def write_outputs(self, contexts: Sequence[Context]) -> dict[str, Any]:
@@ -870,8 +873,12 @@ def summarize(
     contexts: Sequence[dict[str, Any]] = (),
     trainer_c: str = "",
     answerers_given: Sequence[str] = (),
+    golds: dict[int, list[str]] | None = None,
+    base_digest: str = "",
 ) -> dict[str, Any]:
-    """inner_loop.json from the rows of this run's settings."""
+    """inner_loop.json from the rows of this run's settings; with `golds` (each context's gold
+    answers) and the base rows' digest, every self-edit also gets an F1 reward."""
+    rows = with_f1_rewards(rows, golds or {}, base_digest)
     peak = next((r for r in rows if r["kind"] == "peak" and r["digest"] == peak_digest), None)
     peak_flops = peak["flops_per_s"] if peak else 0.0
     configs = {}
@@ -901,6 +908,33 @@ def summarize(
         "answerers": summarize_answerers(rows, eval_digests, answerers_given),
         "written_at": time.time(),
     }
+
+
+def mean_f1(responses: Sequence[str], golds: Sequence[str]) -> float:
+    """Mean SQuAD token F1 of responses against their golds."""
+    from auditor.grading import token_f1
+
+    pairs = list(zip(responses, golds, strict=True))
+    return sum(token_f1(r, g) for r, g in pairs) / len(pairs) if pairs else 0.0
+
+
+def with_f1_rewards(
+    rows: Sequence[dict[str, Any]], golds: dict[int, list[str]], base_digest: str
+) -> list[dict[str, Any]]:
+    """Edit rows of contexts with golds and a base row gain "reward_f1": mean token F1 after minus
+    before. Graded by "contains", a 135M student often scores 0 before and after on every self-edit;
+    F1 still orders them by how close their answers came."""
+    base = {
+        r["context"]: mean_f1(r["responses"], golds[r["context"]])
+        for r in rows
+        if r["kind"] == "base" and r["digest"] == base_digest and r["context"] in golds
+    }
+    return [
+        {**r, "reward_f1": mean_f1(r["responses"], golds[r["context"]]) - base[r["context"]]}
+        if r["kind"] == "edit" and r["context"] in base
+        else r
+        for r in rows
+    ]
 
 
 def summarize_config(
@@ -966,6 +1000,9 @@ def summarize_config(
             for r in rows
         ],
     }
+    if all("reward_f1" in r for r in rows):
+        out["mean_reward_f1"] = sum(r["reward_f1"] for r in rows) / n
+        out["rewards_f1"] = {f"{r['context']}-{r['edit']}": r["reward_f1"] for r in rows}
     if train != measured:
         out["training_extrapolated"] = (
             f"trained {settings.epochs_for(config)} epochs in {measured:.1f} s per self-edit, scaled to "
@@ -990,14 +1027,19 @@ def rank_correlations(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Spearman's rho between the reward orderings of two configurations, over the self-edits both ran."""
     out: dict[str, Any] = {}
     for x, y in (("c", "b"), ("c", "a"), ("b", "a")):
-        rx, ry = configs[x].get("rewards", {}), configs[y].get("rewards", {})
-        shared = sorted(set(rx) & set(ry))
-        rho = spearman([rx[k] for k in shared], [ry[k] for k in shared]) if len(shared) >= 2 else None
-        entry: dict[str, Any] = {"spearman": rho, "pairs": len(shared)}
-        if rho is None:
-            entry["why_none"] = (
-                "fewer than 2 self-edits in both" if len(shared) < 2 else "one side's rewards are all equal"
-            )
+        entry: dict[str, Any] = {}
+        for suffix in ("", "_f1"):
+            rx, ry = configs[x].get(f"rewards{suffix}", {}), configs[y].get(f"rewards{suffix}", {})
+            shared = sorted(set(rx) & set(ry))
+            rho = spearman([rx[k] for k in shared], [ry[k] for k in shared]) if len(shared) >= 2 else None
+            entry[f"spearman{suffix}"] = rho
+            entry[f"pairs{suffix}"] = len(shared)
+            if rho is None:
+                entry[f"why_none{suffix}"] = (
+                    "fewer than 2 self-edits in both"
+                    if len(shared) < 2
+                    else "one side's rewards are all equal"
+                )
         out[f"{x}_vs_{y}"] = entry
     return out
 
@@ -1059,7 +1101,7 @@ def markdown_tables(data: dict[str, Any]) -> str:
         f"## Inner loop, {s['contexts']} contexts × {s['self_edits']} self-edits, {s['epochs']} epochs, "
         f"{s['model']} ({s['device']}, {s['dtype']})",
         "",
-        "| configuration | self-edits/h | inner loop only /h | s per self-edit: gen / train / eval | MFU (real tokens) | util. incl. padding | tokens real / processed | peak RSS MiB | mean reward |",
+        "| configuration | self-edits/h | inner loop only /h | s per self-edit: gen / train / eval | MFU (real tokens) | util. incl. padding | tokens real / processed | peak RSS MiB | mean reward: accuracy / F1 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in data["configs"].values():
@@ -1072,7 +1114,7 @@ def markdown_tables(data: dict[str, Any]) -> str:
             f"| {sp['generation']:.1f} / {sp['training']:.1f} / {sp['evaluation']:.1f} "
             f"| {_f(c['mfu'], '{:.2%}')} | {_f(c['utilization_processed_tokens'], '{:.2%}')} "
             f"| {c['real_tokens']:,} / {c['processed_tokens']:,} | {c['rss_peak_mib']:.0f} "
-            f"| {c['mean_reward']:+.3f} |"
+            f"| {c['mean_reward']:+.3f} / {_f(c.get('mean_reward_f1'), '{:+.3f}')} |"
         )
     notes = [
         f"{c['label']}: {c['training_extrapolated']}."
@@ -1091,8 +1133,11 @@ def markdown_tables(data: dict[str, Any]) -> str:
         f"(c)/(b): {_f(r['c_over_b'], '{:.1f}×')} (target ≥ {t['c_over_b']:.0f}×; inner loop only "
         f"{_f(r['c_over_b_inner_loop'], '{:.1f}×')}).",
         f"(c)'s training MFU: {_f(c_mfu, '{:.1%}')} of the measured matmul peak (target ≥ {t['mfu']:.0%}). "
-        f"Spearman ρ of (c)'s and (b)'s rewards: {_f(rho['spearman'], '{:+.2f}')} over {rho['pairs']} self-edits"
+        f"Spearman ρ of (c)'s and (b)'s rewards over {rho['pairs']} self-edits: "
+        f"{_f(rho['spearman'], '{:+.2f}')} by accuracy"
         + (f" ({rho['why_none']})" if rho["spearman"] is None else "")
+        + f", {_f(rho.get('spearman_f1'), '{:+.2f}')} by token F1"
+        + (f" ({rho['why_none_f1']})" if rho.get("spearman_f1") is None else "")
         + ".",
         f"Matmul peak: {_f(peak and peak['flops_per_s'] / 1e9, '{:.1f}')} GFLOP/s "
         f"({peak['size'] if peak else '?'}² {s['dtype']} matmuls, {peak['threads'] if peak else '?'} threads, best of "

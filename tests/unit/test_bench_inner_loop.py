@@ -117,6 +117,20 @@ def test_reduced_reference_epochs_scale_training_time_only():
     assert b["seconds_per_self_edit"]["training"] == 3.0 and "training_extrapolated" not in b
 
 
+def test_f1_rewards_order_self_edits_that_accuracy_leaves_tied():
+    rows = [
+        {"kind": "base", "context": 4, "digest": "B", "responses": ["Paris", "no idea"]},
+        {"kind": "base", "context": 4, "digest": "old", "responses": ["x", "x"]},
+        {"kind": "edit", "context": 4, "edit": 0, "responses": ["Velmora city", "no idea"]},
+        {"kind": "edit", "context": 4, "edit": 1, "responses": ["Velmora", "spring"]},
+        {"kind": "edit", "context": 9, "edit": 0, "responses": ["?"]},  # no golds: left alone
+    ]
+    out = inner_loop.with_f1_rewards(rows, {4: ["Velmora", "spring"]}, "B")
+    assert out[2]["reward_f1"] == pytest.approx((2 / 3 + 0) / 2)
+    assert out[3]["reward_f1"] == pytest.approx(1.0)
+    assert "reward_f1" not in out[4] and "reward_f1" not in rows[2]  # the input rows are not changed
+
+
 def test_batched_processed_tokens_counts_each_rows_bucket_width():
     pytest.importorskip("student.multi")
     lora = Settings(epochs=2).lora("c")
@@ -223,7 +237,8 @@ def test_every_field_of_the_json(run_dir: Path, capsys):
     )
     assert set(data["ratios"]) == {"c_over_a", "c_over_a_inner_loop", "c_over_b", "c_over_b_inner_loop"}
     assert all(v > 0 for v in data["ratios"].values())
-    assert {"spearman", "pairs"} <= set(data["rank_correlation"]["c_vs_b"])
+    assert {"spearman", "pairs", "spearman_f1", "pairs_f1"} <= set(data["rank_correlation"]["c_vs_b"])
+    assert all(set(data["configs"][n]["rewards_f1"]) == set(data["configs"][n]["rewards"]) for n in "abc")
     answerers = {a["answerer"]: a for a in data["answerers"]}
     assert answerers["transformers (one at a time)"]["questions_per_s"] > 0
     assert answerers["transformers (batched, 16)"]["agreement_with_first"] is not None
