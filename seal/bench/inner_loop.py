@@ -96,6 +96,8 @@ class Settings:
     answer_style: str = "chat"
     answer_tokens: int = 48
     answer_batch: int = 16
+    # (c)'s trainer: "auto" (student.multi where it exists), "batched" or "single" (see ours_trainer).
+    ours_trainer: str = "auto"
     # Side of the square matmul that measures the peak.
     peak_size: int = 2048
     skip: tuple[str, ...] = ()
@@ -112,6 +114,8 @@ class Settings:
         unknown = [s for s in self.skip if s not in CONFIGS]
         if unknown:
             raise ValueError(f"--skip takes configurations among {', '.join(CONFIGS)}; got {unknown}")
+        if self.ours_trainer not in ("auto", "batched", "single"):
+            raise ValueError(f"--ours-trainer must be auto, batched or single, got {self.ours_trainer!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -510,31 +514,37 @@ def train_with_trainer(
 # --- (c): ours -----------------------------------------------------------------------------------------
 
 
-def batched_trainer() -> Callable[..., Any] | None:
-    """student.multi.train_adapters when that module exists (K adapters in one batched pass)."""
+BATCHED = "student.multi.train_adapters"
+SINGLE = "student.training.train_adapter"
+
+
+def ours_trainer(choice: str) -> str:
+    """The trainer (c) runs: "batched" is student.multi (K adapters in one pass), "single"
+    student.training.train_adapter (one after another), "auto" the first where student.multi exists."""
     try:
-        from student.multi import train_adapters
+        import student.multi  # noqa: F401
     except ImportError:
-        return None
-    return train_adapters
+        if choice == "batched":
+            raise ValueError("--ours-trainer batched needs student.multi, which is not importable") from None
+        return SINGLE
+    return SINGLE if choice == "single" else BATCHED
 
 
 def train_ours(
-    model: Any, tokenizer: Any, context: Context, settings: Settings
+    model: Any, tokenizer: Any, context: Context, settings: Settings, trainer: str
 ) -> Iterator[tuple[int, Any, TrainRun]]:
     """(c)'s training of one context's self-edits: yields (edit index, a PeftModel answering with that
     adapter, the run). The model is valid until the next item; close the generator when done.
 
-    With student.multi, all K adapters train in one batched pass and each is charged a K-th of its
-    wall time; otherwise student.training.train_adapter trains them one after another."""
+    BATCHED trains all K adapters in one pass and charges each a K-th of its wall time; SINGLE trains
+    them one after another."""
     from student.sequences import build_training_texts
     from student.training import release_adapter, tokenize_texts, train_adapter
 
     lora = settings.lora("c")
     jobs = [(build_training_texts(edit), lora) for edit in context.edits]
     lengths = [[len(ids) for ids in tokenize_texts(tokenizer, texts, lora.max_seq_len)] for texts, _ in jobs]
-    train_adapters = batched_trainer()
-    if train_adapters is None:
+    if trainer == SINGLE:
         for i, (texts, _) in enumerate(jobs):
             started = time.perf_counter()
             peft_model, stats = train_adapter(model, tokenizer, texts, lora)
@@ -547,7 +557,7 @@ def train_ours(
                 release_adapter(peft_model)
         return
 
-    from student.multi import attached_in_turn
+    from student.multi import attached_in_turn, train_adapters
 
     started = time.perf_counter()
     results = train_adapters(model, tokenizer, jobs)
@@ -611,9 +621,7 @@ class InnerLoopBench:
         self.edit_cache = JsonlLog(self.out / "self_edits.jsonl", lambda r: str(r["key"]))
         self.memory = MemoryMeter(self.settings.device)
         self.n_params = linear_parameters(self.model)
-        self.trainer_c = (
-            "student.multi.train_adapters" if batched_trainer() else "student.training.train_adapter"
-        )
+        self.trainer_c = ours_trainer(self.settings.ours_trainer)
 
     # digests: what makes a stored row reusable
 
@@ -744,7 +752,7 @@ class InnerLoopBench:
         """(c) on every self-edit of the context (a batched trainer trains them together, so they are
         redone together), each adapter saved for the answerer table."""
         self.memory.reset()
-        with closing(train_ours(self.model, self.tokenizer, ctx, self.settings)) as trained:
+        with closing(train_ours(self.model, self.tokenizer, ctx, self.settings, self.trainer_c)) as trained:
             for i, model, run in trained:
                 responses, eval_seconds = self._answer(model, ctx, self.settings.answer_batch)
                 model.save_pretrained(str(self._adapter_dir(ctx.index, i)))
@@ -1179,6 +1187,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         answer_tokens=args.answer_tokens,
         answer_batch=args.answer_batch,
         peak_size=args.peak_size,
+        ours_trainer=args.ours_trainer,
         skip=tuple(x.strip() for x in args.skip.split(",") if x.strip()),
     )
 
@@ -1245,6 +1254,12 @@ def add_inner_loop_command(sub: Any) -> None:
     p.add_argument("--answer-batch", type=int, default=defaults.answer_batch, help="(c)'s answering batch")
     p.add_argument(
         "--peak-size", type=int, default=defaults.peak_size, help="side of the peak's square matmuls"
+    )
+    p.add_argument(
+        "--ours-trainer",
+        choices=("auto", "batched", "single"),
+        default=defaults.ours_trainer,
+        help="(c): student.multi's batched pass, train_adapter one by one, or auto (batched where it exists)",
     )
     p.add_argument("--skip", default="", help="configurations to leave out, e.g. a,b")
     p.add_argument(

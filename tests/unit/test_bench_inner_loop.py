@@ -312,6 +312,18 @@ def _training_docs(run_dir: Path):
     return [(c["index"], _document(_record(c["index"]))) for c in contexts]
 
 
+def test_ours_one_adapter_after_another(tiny_model_dir: Path, data_dir: Path, tmp_path: Path):
+    """(c) with student.training.train_adapter (the fallback without student.multi), (a) and (b) skipped."""
+    argv = _argv(tiny_model_dir, data_dir, tmp_path) + ["--ours-trainer", "single", "--skip", "a,b"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "inner_loop.json").read_text())
+    c = data["configs"]["c"]
+    assert c["trainer"] == inner_loop.SINGLE and c["status"] == "complete"
+    assert c["processed_tokens"] == c["real_tokens"]  # batch 1: no padding
+    assert data["configs"]["a"]["status"] == data["configs"]["b"]["status"] == "skipped (--skip)"
+    assert data["ratios"]["c_over_a"] is None
+
+
 def test_the_cli_knows_the_command():
     args = build_parser().parse_args(["bench", "inner-loop", "--skip", "a,b", "--device", "cpu"])
     settings = inner_loop.settings_from_args(args)
