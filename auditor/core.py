@@ -8,12 +8,14 @@ It imports no protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from auditor.evaluation import evaluate_document, load_adapter, unload_adapter
+from auditor.evaluation import VLLMModel, evaluate_document, load_adapter, unload_adapter
 from auditor.grading import GRADING_METRICS, JUDGE_METRIC, accuracy, reward
 from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP, CheckResult, run_guardrails
 from auditor.judge import Judge, judge_scores
@@ -63,14 +65,20 @@ def audit(
     retention: Retention | None = None,
     judge: Judge | None = None,
     answer_style: str = "chat",
+    vllm_base: VLLMModel | None = None,
+    model_lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> Verdict:
     """Evaluate `doc`'s τ before and after the adapter; an unsigned verdict of reward and checks.
 
     `baseline_scores` and `retention` depend only on the base model (and document), so callers cache
     them (`base_retention`); without `retention` the retention and KL checks are skipped. The base
     model is restored even on error. With `judge`, every τ answer is also graded by it; a judge that
-    cannot answer raises JudgeError, and no verdict is made.
+    cannot answer raises JudgeError, and no verdict is made. With `vllm_base` (the same base model on a
+    vLLM server), every question is answered there, the adapter loaded into the engine for the
+    purpose; only the KL shift, which needs full distributions, still runs on `base_model`, under
+    `model_lock` (the caller's lock on `base_model`, so that several audits can answer at once).
     """
+    model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
     check_grading_metric(metric, judge is not None)
     started = time.perf_counter()
     # Sign only for the files we actually evaluate (weights and config alike): a swapped or edited
@@ -80,37 +88,53 @@ def audit(
         raise AdapterMismatchError(
             f"adapter in {adapter_dir} has manifest sha256 {actual_sha}, but the request names {adapter_sha256}"
         )
+    # The engine that answers: the transformers model itself, or the same base on a vLLM server.
+    asker = base_model if vllm_base is None else vllm_base
     if baseline_scores is None:
         baseline_scores = evaluate_document(
-            base_model, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
+            asker, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
         )
     elif judge is not None:
         baseline_scores = judge_scores(judge, baseline_scores, metric)
     signoff_doc = dataclasses.replace(doc, questions=doc.signoff_questions)
     if doc.signoff_questions and signoff_baseline is None:
         signoff_baseline = evaluate_document(
-            base_model, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
+            asker, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
         )
 
-    peft_model = load_adapter(base_model, Path(adapter_dir))
-    try:
+    # On transformers the answering PEFT model also gives the KL shift; with vLLM, only the KL needs
+    # the local model, so it waits for `model_lock` alone, after the answers.
+    kl_here = retention is not None and vllm_base is None
+    with adapted_models(base_model, Path(adapter_dir), adapter_sha256, vllm_base, kl_here) as (
+        adapted,
+        peft_model,
+    ):
         adapted_scores = evaluate_document(
-            peft_model, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
+            adapted, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
         )
         # The sign-off questions: scored for the verdict that gates promotion, never for the reward.
         signoff_scores = (
             evaluate_document(
-                peft_model, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
+                adapted, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
             )
             if doc.signoff_questions
             else []
         )
         retention_after = (
-            retention_accuracy(peft_model, tokenizer, style=answer_style) if retention is not None else None
+            retention_accuracy(adapted, tokenizer, style=answer_style) if retention is not None else None
         )
-        kl = kl_shift(peft_model, tokenizer, retention.sequences) if retention is not None else None
-    finally:
-        unload_adapter(peft_model)
+        kl = (
+            kl_shift(peft_model, tokenizer, retention.sequences)
+            if retention is not None and kl_here
+            else None
+        )
+    if retention is not None and not kl_here:
+        with model_lock:
+            peft_model = load_adapter(base_model, Path(adapter_dir))
+            try:
+                kl = kl_shift(peft_model, tokenizer, retention.sequences)
+            finally:
+                unload_adapter(peft_model)
 
     training_text = "\n".join((self_edit.text, *self_edit.lines))
     checks = run_guardrails(
@@ -154,6 +178,31 @@ def audit(
     )
 
 
+@contextlib.contextmanager
+def adapted_models(
+    base_model: Any, adapter_dir: Path, adapter_sha256: str, vllm_base: VLLMModel | None, need_peft: bool
+) -> Iterator[tuple[Any, Any]]:
+    """(the model that answers, the PEFT model for the KL shift or None) with the adapter in place.
+
+    On transformers both are one PEFT model over `base_model`; with vLLM the answering model is the
+    adapter loaded into the server under its digest, unloaded again afterwards. The base is restored
+    even on error.
+    """
+    peft_model = load_adapter(base_model, adapter_dir) if vllm_base is None or need_peft else None
+    name = ""
+    try:
+        if vllm_base is not None:
+            name = vllm_base.engine.load_lora(f"adapter-{adapter_sha256[:16]}", adapter_dir)
+            yield VLLMModel(vllm_base.engine, name), peft_model
+        else:
+            yield peft_model, peft_model
+    finally:
+        if name:
+            vllm_base.engine.unload_lora(name)  # type: ignore[union-attr]
+        if peft_model is not None:
+            unload_adapter(peft_model)
+
+
 def signoff_check(before: float, after: float, questions: int) -> CheckResult:
     """Passes when the update answers more of the held-out sign-off questions than the base did."""
     detail = (
@@ -179,10 +228,12 @@ def base_retention(
     answer_style: str = "chat",
     max_drop: float = MAX_RETENTION_DROP,
     max_kl: float = MAX_KL,
+    vllm_base: VLLMModel | None = None,
 ) -> Retention:
-    """The base model's side of the retention checks: computed once per auditor, then cached."""
+    """The base model's side of the retention checks: computed once per auditor, then cached. With
+    `vllm_base` the retention questions are answered there (as the adapted model's will be)."""
     return Retention(
-        baseline=retention_accuracy(base_model, tokenizer, style=answer_style),
+        baseline=retention_accuracy(vllm_base or base_model, tokenizer, style=answer_style),
         sequences=tuple(base_continuations(base_model, tokenizer, load_kl_prompts())),
         max_drop=max_drop,
         max_kl=max_kl,

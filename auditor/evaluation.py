@@ -14,6 +14,7 @@ Two answer styles, chosen per model in config (`answer_prompt`):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,28 @@ def cut_answer(text: str, style: str = "chat") -> str:
     return text
 
 
+@dataclass(frozen=True)
+class VLLMModel:
+    """The base model (`adapter` "") or one loaded adapter on a vLLM server (seal.vllm_server), taken
+    by `answer_questions` (and the retention set's answering) in place of a transformers model.
+
+    Prompts are tokenized here, by the auditor's tokenizer, exactly as for transformers, and sent as
+    token ids, so both engines see the same input. Greedy, no padding: vLLM batches the requests of
+    every thread itself, across questions and adapters.
+    """
+
+    engine: Any
+    adapter: str = ""
+
+
+def vllm_answers(
+    model: VLLMModel, tokenizer: Any, texts: Sequence[str], max_new_tokens: int, add_special_tokens: bool
+) -> list[str]:
+    """Greedy completions of the rendered `texts` by `model`, special tokens skipped."""
+    ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    return [group[0] for group in model.engine.complete(ids, model=model.adapter, max_tokens=max_new_tokens)]
+
+
 def answer_questions(
     model: Any,
     tokenizer: Any,
@@ -84,6 +107,8 @@ def answer_questions(
     reference = check_style(style) == "reference"
     texts = prompts if reference else [render_prompt(tokenizer, p, use_chat_template) for p in prompts]
     limit = ANSWER_MAX_NEW_TOKENS[style] if max_new_tokens is None else max_new_tokens
+    if isinstance(model, VLLMModel):
+        return [cut_answer(a, style) for a in vllm_answers(model, tokenizer, texts, limit, reference)]
     answers: list[str] = []
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auditor.evaluation import cut_answer, style_prompt
+from auditor.evaluation import VLLMModel, cut_answer, style_prompt, vllm_answers
 from auditor.grading import accuracy, answer_contained, grade_answer, normalize_answer
 from seal.models import render_prompt
 from seal.records import QA
@@ -108,6 +108,11 @@ def answer_until_gold(
     said, an answer equals `answer_questions`' (a test holds them equal).
     """
     texts = [prompt if style == "reference" else render_prompt(tokenizer, prompt) for prompt in prompts]
+    if isinstance(model, VLLMModel):
+        # vLLM decodes every answer in full (no stop at the gold), which grades the same: "contains"
+        # finds the gold in the full answer exactly when it would have stopped there.
+        full = vllm_answers(model, tokenizer, texts, max_new_tokens, style == "reference")
+        return [cut_answer(a, style) for a in full]
     answers: list[str] = []
     for start in range(0, len(texts), batch_size):
         end = start + batch_size

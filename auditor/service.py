@@ -3,6 +3,7 @@ and AuditAdapter RPC), and publishes its verdict-signing key (GetSigningKey)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ import grpc
 
 from auditor.certify import RetentionProbe, certify, kl_between
 from auditor.core import Retention, audit, base_retention, check_grading_metric
-from auditor.evaluation import evaluate_document
+from auditor.evaluation import VLLMModel, evaluate_document
 from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP
 from auditor.judge import Judge, LLMJudge, RedisJudgeCache, resolve_api_key
 from auditor.retention import retention_accuracy
@@ -86,6 +87,16 @@ class AuditorEngine:
     max_retention_drop: float = MAX_RETENTION_DROP
     max_kl: float = MAX_KL
     _retention: Retention | None = None
+    vllm: Any = None
+    """A seal.vllm_server.VLLMEngine serving this same base: every question is answered there (audits
+    run concurrently, the engine batching them); None: the transformers model answers, one audit at a time."""
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards the base-side caches when audits run concurrently (taken before `lock`, never after)."""
+
+    @property
+    def asker(self) -> Any:
+        """What answers questions: the transformers model, or its twin on vLLM."""
+        return self.model if self.vllm is None else VLLMModel(self.vllm)
 
     def audit(self, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
         """Score `adapter` on the questions the gateway registered for the self-edit's job and sign it."""
@@ -110,7 +121,9 @@ class AuditorEngine:
             self.student_wait_s,
             tls=self.tls,
         )
-        with self.lock:
+        # On transformers one audit holds the model throughout; on vLLM audits answer side by side and
+        # take the model's lock only for the KL shift.
+        with self.lock if self.vllm is None else self.cache_lock:
             baseline = self._baseline(doc)
             signoff = (
                 self._baseline(
@@ -120,6 +133,7 @@ class AuditorEngine:
                 else None
             )
             retention = self._base_retention()
+        with self.lock if self.vllm is None else contextlib.nullcontext():
             verdict = audit(
                 self.model,
                 self.tokenizer,
@@ -135,6 +149,8 @@ class AuditorEngine:
                 retention=retention,
                 judge=self.judge,
                 answer_style=self.answer_style,
+                vllm_base=None if self.vllm is None else VLLMModel(self.vllm),
+                model_lock=self.lock if self.vllm is not None else None,
             )
             prune_adapters(self.adapters_root, self.retention)  # copies: the student keeps the original
         return self.signer.sign(verdict, ttl_s=self.verdict_ttl_s)
@@ -179,9 +195,15 @@ class AuditorEngine:
     def _base_retention(self) -> Retention:
         """The base's retention accuracy and KL continuations, computed once (under self.lock)."""
         if self._retention is None:
-            self._retention = base_retention(
-                self.model, self.tokenizer, self.answer_style, self.max_retention_drop, self.max_kl
-            )
+            with self.lock if self.vllm is not None else contextlib.nullcontext():
+                self._retention = base_retention(
+                    self.model,
+                    self.tokenizer,
+                    self.answer_style,
+                    self.max_retention_drop,
+                    self.max_kl,
+                    vllm_base=None if self.vllm is None else VLLMModel(self.vllm),
+                )
         return self._retention
 
     def _retention_probe(self) -> RetentionProbe:
@@ -198,7 +220,7 @@ class AuditorEngine:
         key = sha256_text(json.dumps([to_json(doc), self.metric, self.answer_style, judge_model]))
         if key not in self._baselines:
             self._baselines[key] = evaluate_document(
-                self.model, self.tokenizer, doc, self.metric, style=self.answer_style, judge=self.judge
+                self.asker, self.tokenizer, doc, self.metric, style=self.answer_style, judge=self.judge
             )
             if len(self._baselines) > BASELINE_CACHE_SIZE:  # a long-lived auditor sees endless documents
                 self._baselines.popitem(last=False)
@@ -288,7 +310,12 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     # Before the model loads: a bad TLS setting or an unreadable key file fails fast.
     tls = tls_files(config)
     judge_key = resolve_api_key(config.judge_api_key_file, os.environ) if config.judge_base_url else ""
-    model, tokenizer, _, fingerprint = load_base_model(config)
+    model, tokenizer, model_dir, fingerprint = load_base_model(config)
+    vllm, stop_vllm = (None, None)
+    if config.answer_backend == "vllm":
+        from seal.vllm_server import engine_for
+
+        vllm, stop_vllm = engine_for(config, model_dir)
     signer = VerdictSigner.load_or_create(Path(config.signing_key or config.data_dir / "auditor-ed25519.key"))
     plane = connect_plane(config)
     engine = AuditorEngine(
@@ -310,8 +337,15 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         answer_style=config.answer_prompt,
         max_retention_drop=config.max_retention_drop,
         max_kl=config.max_kl,
+        vllm=vllm,
     )
-    worker = make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
+    # Several audit workers only pay off where answering runs outside the model lock (vLLM).
+    workers = [
+        make_worker(config, plane, "audit", audit_handler(engine), audit_followups)
+        for _ in range(config.audit_workers if vllm is not None else 1)
+    ]
+    for i, w in enumerate(workers[1:], start=1):
+        w.consumer = f"{w.consumer}-{i}"
     certifier = make_worker(config, plane, "certify", certify_handler(engine), certify_followups)
 
     def register(server: grpc.Server) -> list[str]:
@@ -319,7 +353,14 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         return [auditor_pb2.DESCRIPTOR.services_by_name["Auditor"].full_name]
 
     process = ServiceProcess(
-        "auditor", config.listen, register, [worker, certifier], metrics_listen=config.metrics_listen, tls=tls
+        "auditor",
+        config.listen,
+        register,
+        [*workers, certifier],
+        metrics_listen=config.metrics_listen,
+        tls=tls,
     )
+    if stop_vllm is not None:
+        process.on_stop.append(stop_vllm)
     process.start()
     return process

@@ -152,6 +152,17 @@ def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -
     return prompt
 
 
+def prompt_token_ids(tokenizer: Any, prompt: str, use_chat_template: bool = True) -> list[int]:
+    """The token ids the model is given for `prompt`: rendered by `render_prompt`, then tokenized
+    with the tokenizer's own special tokens only when no chat template wrote them already."""
+    templated = use_chat_template and bool(tokenizer.chat_template)
+    return list(
+        tokenizer(render_prompt(tokenizer, prompt, use_chat_template), add_special_tokens=not templated)[
+            "input_ids"
+        ]
+    )
+
+
 # --- tiny random models for tests ------------------------------------------------------------------
 
 _TINY_CORPUS = (

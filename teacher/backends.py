@@ -20,8 +20,9 @@ from typing import Any, Protocol
 import openai
 
 from seal.errors import FailedPrecondition, InvalidArgument, NotFound
-from seal.models import render_prompt
+from seal.models import prompt_token_ids, render_prompt
 from seal.records import SamplingSettings
+from seal.vllm_server import VLLMEngine, VLLMError
 from teacher.policies import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -397,74 +398,84 @@ class OpenAIGenerator:
 
 
 class VLLMGenerator:
-    """Generates with vLLM's offline engine (GPU). `engine_kwargs` go to `vllm.LLM` unchanged."""
+    """Samples from a vLLM server (seal.vllm_server): the base model, or a policy version as a LoRA
+    adapter loaded into the running engine the first time it is asked for (no restart).
+
+    Prompts are rendered and tokenized here, with the teacher's own tokenizer, exactly as the
+    transformers backend does (`prompt_token_ids`), and sent as token ids: vLLM would otherwise add a
+    BOS of its own on top of the chat template's. Thread-safe: requests from several threads are
+    batched by the server.
+    """
 
     def __init__(
         self,
-        model_path: str,
+        engine: VLLMEngine,
+        tokenizer: Any,
         *,
         use_chat_template: bool = True,
         name: str = "",
         policies: PolicyStore | None = None,
-        **engine_kwargs: Any,
+        model: Any = None,
     ) -> None:
-        # Imported here so the teacher runs (transformers / HTTP backends) where vLLM is not installed.
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-
-        self._sampling_params = SamplingParams
-        self._lora_request = LoRARequest
-        self.policies = policies
-        if policies is not None:
-            # Policy versions are LoRAs on this engine's base: vLLM serves them only when asked to.
-            engine_kwargs.setdefault("enable_lora", True)
-        self.llm = LLM(model=str(model_path), **engine_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
+        self.engine = engine
+        self.tokenizer = tokenizer
+        # A transformers copy of the same base, for training policy versions (None: sampling only).
+        self.model = model
+        self.stop: Callable[[], None] = engine.close
         self.use_chat_template = use_chat_template
-        self.name = name or str(model_path)
+        self.policies = policies
+        self.name = name or engine.model
 
     def generate(
         self, prompts: list[str], sampling: SamplingSettings, n: int, *, policy_version: str = ""
     ) -> list[list[str]]:
         _check_n(n)
-        lora = self._lora(policy_version)
+        model = self._lora(policy_version)
         if not prompts:
             return []
         greedy = sampling.temperature <= 0
-        # vLLM refuses n > 1 under greedy decoding in some versions, and the copies would be identical.
-        params = self._sampling_params(
-            n=1 if greedy else n,
-            temperature=max(sampling.temperature, 0.0),
-            top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
-        )
-        outputs = self.llm.generate(
-            [self._engine_prompt(p) for p in prompts], params, use_tqdm=False, lora_request=lora
-        )
-        groups = [[c.text for c in out.outputs] for out in outputs]
-        return [group * n if greedy else group for group in groups]
+        ids = [prompt_token_ids(self.tokenizer, p, self.use_chat_template) for p in prompts]
+        try:
+            groups = self.engine.complete(
+                ids,
+                model=model,
+                max_tokens=sampling.max_new_tokens,
+                # Greedy decoding gives n identical answers: decode once, copy.
+                n=1 if greedy else n,
+                temperature=max(sampling.temperature, 0.0),
+                top_p=1.0 if greedy else sampling.top_p,
+                seed=sampling.seed,
+            )
+        except VLLMError as exc:
+            raise GenerationError(str(exc)) from exc
+        # Usage: each prompt's tokens shared over its samples; each sample's tokens counted again by
+        # the teacher's tokenizer (the completions API reports one total per request).
+        counted = [
+            request_completions(
+                group,
+                len(prompt_ids),
+                [len(self.tokenizer.encode(t, add_special_tokens=False)) for t in group],
+            )
+            for group, prompt_ids in zip(groups, ids, strict=True)
+        ]
+        return [group * n if greedy else group for group in counted]
 
-    def _lora(self, version: str) -> Any:
+    def loaded_policies(self) -> list[str]:
+        return [name.removeprefix("policy-") for name in self.engine.loaded() if name.startswith("policy-")]
+
+    def release_policies(self) -> None:
+        """Nothing to release: versions live in the vLLM engine, `model` stays the bare base."""
+
+    def _lora(self, version: str) -> str:
         if not version:
-            return None
+            return ""
         if self.policies is None:
             raise NotFound(f"policy version {version} asked for, but this teacher has no policy store")
         path = self.policies.get(version)
-        # vLLM caches a LoRA by its int id, so one version must always map to one id (> 0).
-        return self._lora_request(version, policy_lora_id(version), str(path))
-
-    def _engine_prompt(self, prompt: str) -> str | dict[str, list[int]]:
-        if not (self.use_chat_template and self.tokenizer.chat_template):
-            return prompt
-        # Token ids, because vLLM would add a BOS on top of the one the chat template already wrote.
-        text = render_prompt(self.tokenizer, prompt, use_chat_template=True)
-        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
-
-
-def policy_lora_id(version: str) -> int:
-    """vLLM's int id of a policy version: its first 60 bits, plus one (0 is not a valid id)."""
-    return int(version[:15], 16) + 1
+        try:
+            return self.engine.load_lora(f"policy-{version}", path)
+        except VLLMError as exc:
+            raise GenerationError(str(exc)) from exc
 
 
 BACKENDS: dict[str, Callable[..., Generator]] = {

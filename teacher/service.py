@@ -90,12 +90,13 @@ class TeacherEngine:
         """The M-step: fine-tune the policy on the task's examples, store it, and return its lineage.
 
         The generator keeps serving every version it had (the new one is loaded on first use); only
-        the local transformers backend holds weights it can train.
+        the local backends (transformers, and vllm, which keeps a transformers copy of its base for
+        this) hold weights they can train.
         """
-        if not isinstance(self.generator, TransformersGenerator) or self.policies is None:
+        if getattr(self.generator, "model", None) is None or self.policies is None:
             raise FailedPrecondition(
                 f"this teacher's backend ({type(self.generator).__name__}) cannot train a policy; "
-                "run a teacher with --backend transformers for policy-training jobs"
+                "run a teacher with --backend transformers or vllm for policy-training jobs"
             )
         if task.teacher_model and task.teacher_model != self.model:
             raise InvalidArgument(
@@ -202,9 +203,17 @@ def build_generator(config: ServiceConfig, policies: PolicyStore | None = None) 
         )
         return generator, ""
     if config.backend == "vllm":
-        from seal.models import resolve_model
+        from seal.vllm_server import engine_for
 
-        return BACKENDS["vllm"](str(resolve_model(config.model)), policies=policies), ""
+        # vLLM samples; the transformers copy of the same base trains new policy versions (the M-step),
+        # which vLLM then serves as LoRA adapters loaded into the running engine.
+        model, tokenizer, model_dir, fingerprint = load_base_model(config)
+        engine, stop = engine_for(config, model_dir)
+        generator = BACKENDS["vllm"](
+            engine, tokenizer, name=f"{config.model}@{fingerprint[:12]}", policies=policies, model=model
+        )
+        generator.stop = stop
+        return generator, fingerprint
     if config.backend != "transformers":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
     model, tokenizer, _, fingerprint = load_base_model(config)
@@ -240,5 +249,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
     process = ServiceProcess(
         "teacher", config.listen, register, workers, metrics_listen=config.metrics_listen, tls=tls
     )
+    if hasattr(generator, "stop"):  # a vLLM server this teacher started stops with it
+        process.on_stop.append(generator.stop)
     process.start()
     return process

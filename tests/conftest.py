@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from seal.models import build_tiny_model, load_model
+from seal.models import DEFAULT_MODEL, build_tiny_model, load_model, resolve_model
+from seal.vllm_server import (
+    VLLM_BASE_NAME,
+    VLLMEngine,
+    VLLMServer,
+    VLLMServerSettings,
+    default_vllm_python,
+    vllm_unavailable,
+)
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +71,38 @@ def delete_namespace(redis_url: str, namespace: str) -> int:
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(f"{namespace}:*"))
     return int(client.delete(*keys)) if keys else 0
+
+
+# --- the real vLLM engine: one server of the default model for the whole session --------------------
+# It runs from the environment `make vllm-env` builds (.venv-vllm, or SEAL_VLLM_PYTHON). Tests using it
+# skip only where that environment could not be built, and say why; `make test` builds it first.
+# SEAL_TEST_VLLM_URL points them at a server already running (of the default model) instead.
+
+
+@pytest.fixture(scope="session")
+def vllm_url(tmp_path_factory: pytest.TempPathFactory):
+    """The base URL (…/v1) of a vLLM server of the default model, serving it as "base"."""
+    given = os.environ.get("SEAL_TEST_VLLM_URL")
+    if given:
+        yield given
+        return
+    why = vllm_unavailable(default_vllm_python())
+    if why:
+        pytest.skip(f"vLLM cannot run on this machine: {why}")
+    log_file = tmp_path_factory.mktemp("vllm") / "server.log"
+    settings = VLLMServerSettings(resolve_model(DEFAULT_MODEL), served_name=VLLM_BASE_NAME, log_file=log_file)
+    server = VLLMServer(settings)
+    try:
+        server.start(timeout_s=900)
+    except Exception as exc:  # the log says why; show its tail in the failure
+        tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
+        raise RuntimeError(f"{exc}\n--- vLLM log tail ---\n{tail}") from exc
+    yield server.base_url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_url: str):
+    engine = VLLMEngine(vllm_url, model=VLLM_BASE_NAME)
+    yield engine
+    engine.close()

@@ -65,7 +65,7 @@ class Upstream:
 
 
 # Fixture names, each giving an Upstream; every test here runs against each.
-UPSTREAMS = ["seal_endpoint"]
+UPSTREAMS = ["seal_endpoint", pytest.param("vllm_endpoint", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,13 @@ def seal_endpoint(
     finally:
         server.http.stop()
         delete_namespace(redis_url, namespace)
+
+
+@pytest.fixture(scope="module")
+def vllm_endpoint(vllm_url: str) -> Upstream:
+    """A real `vllm serve` of the default model (tests/conftest.py; skips, saying why, where vLLM
+    cannot install). It takes any key, and n > 1."""
+    return Upstream(vllm_url, "base", api_key="sk-test-not-checked-by-vllm")
 
 
 @pytest.fixture(scope="module", params=UPSTREAMS)

@@ -7,14 +7,13 @@ import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from seal.apikeys import read_api_key
 from seal.config import load_config
 from seal.errors import InvalidArgument, NotFound, PermanentError
-from seal.models import build_tiny_model, render_prompt
+from seal.models import render_prompt
 from seal.records import PolicyExample, PolicySettings, PolicyVersion, SamplingSettings
 from teacher.backends import (
     BACKENDS,
@@ -25,7 +24,6 @@ from teacher.backends import (
     VLLMGenerator,
     chat_completion_body,
     parse_completions,
-    policy_lora_id,
     request_completions,
     split_evenly,
     token_usage,
@@ -193,12 +191,6 @@ def test_an_unknown_version_is_not_found_before_generating(tiny_model, tmp_path,
     with pytest.raises(NotFound, match="no policy store"):
         TransformersGenerator(model, tokenizer).generate([PROMPT], GREEDY, n=1, policy_version="0" * 64)
     assert generator.loaded_policies() == []
-
-
-def test_policy_lora_id_is_stable_positive_and_distinct():
-    assert policy_lora_id("0" * 64) == 1
-    assert policy_lora_id("f" * 64) == 2**60
-    assert policy_lora_id("ab" * 32) == policy_lora_id("ab" * 32) != policy_lora_id("ba" * 32)
 
 
 # --- token usage -----------------------------------------------------------------------------------
@@ -482,27 +474,3 @@ def test_the_teacher_reads_its_key_from_the_file_or_the_environment(tmp_path):
         assert generator._api_key == API_KEY
         assert API_KEY not in repr(generator) and API_KEY not in repr(config)
     assert (generator.timeout_s, generator.max_n, generator.max_retries) == (7.0, 1, 3)
-
-
-# --- vLLM ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-def test_vllm_generates_n_completions_with_a_tiny_local_model(tmp_path: Path):
-    pytest.importorskip("vllm")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a CUDA GPU")
-    # hidden 256 / 4 heads = head size 64, one every vLLM attention backend supports.
-    model_dir = build_tiny_model(tmp_path / "tiny", hidden_size=256)
-    generator = VLLMGenerator(
-        str(model_dir), dtype="float16", max_model_len=512, gpu_memory_utilization=0.2, enforce_eager=True
-    )
-    out = generator.generate(["Passage: The fox.", "Other prompt"], SAMPLING, n=3)
-    again = generator.generate(["Passage: The fox.", "Other prompt"], SAMPLING, n=3)
-    greedy = generator.generate(["Passage: The fox."], GREEDY, n=2)
-    assert [len(group) for group in out] == [3, 3]
-    assert all(isinstance(t, str) and not any(s in t for s in SPECIAL_TOKENS) for g in out for t in g)
-    assert out == again
-    assert len(greedy[0]) == 2 and greedy[0][0] == greedy[0][1]
-    assert generator.name == str(model_dir)
