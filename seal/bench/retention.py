@@ -47,6 +47,7 @@ def retention_settings(base: LoraSettings) -> list[Setting]:
         Setting("kl-0.1", "KL penalty 0.1", replace(base, kl_weight=0.1)),
         Setting("kl-1", "KL penalty 1", replace(base, kl_weight=1.0)),
         Setting("kl-3", "KL penalty 3", replace(base, kl_weight=3.0)),
+        Setting("kl-10", "KL penalty 10", replace(base, kl_weight=10.0)),
         Setting("mild", "milder LoRA (lr 5e-4, 5 epochs)", replace(base, learning_rate=5e-4, epochs=5)),
         Setting("replay-8+kl-1", "replay 8 + KL penalty 1", replace(base, replay=8, kl_weight=1.0)),
     ]
@@ -361,12 +362,34 @@ def calibrate(
 # --- the table -------------------------------------------------------------------------------------------
 
 
-def passes(row: dict[str, Any]) -> bool:
-    """Whether the row's adapter passes the retention guardrails at the current thresholds."""
-    from auditor.guardrails import run_guardrails
+SENSITIVITY_DROPS = (0.10, 0.15, 0.20, 0.25)
+SENSITIVITY_KLS = (0.05, 0.10)
 
-    checks = run_guardrails("", (), row["retention_before"], row["retention_after"], kl=row["kl"])
+
+def passes(row: dict[str, Any], max_drop: float | None = None, max_kl: float | None = None) -> bool:
+    """Whether the row's adapter passes the retention guardrails (at auditor.guardrails' thresholds
+    unless others are given)."""
+    from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP, run_guardrails
+
+    checks = run_guardrails(
+        "",
+        (),
+        row["retention_before"],
+        row["retention_after"],
+        MAX_RETENTION_DROP if max_drop is None else max_drop,
+        kl=row["kl"],
+        max_kl=MAX_KL if max_kl is None else max_kl,
+    )
     return all(c.passed for c in checks)
+
+
+def sensitivity(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The fraction of `rows` passing at other thresholds: "drop<=D,kl<=K" -> fraction."""
+    return {
+        f"drop<={d:.2f},kl<={k:.2f}": sum(passes(r, d, k) for r in rows) / len(rows)
+        for k in SENSITIVITY_KLS
+        for d in SENSITIVITY_DROPS
+    }
 
 
 def summarize(
@@ -391,6 +414,7 @@ def summarize(
                 "kl": report.mean([r["kl"] for r in mine]) if n else None,
                 "max_kl": max((r["kl"] for r in mine), default=None),
                 "pass_fraction": sum(passes(r) for r in mine) / n if n else None,
+                "pass_at": sensitivity(mine) if n else {},
                 "train_seconds": report.mean([r["train_seconds"] for r in mine]) if n else None,
                 "audit_seconds": report.mean([r["retention_seconds"] + r["kl_seconds"] for r in mine])
                 if n
@@ -431,6 +455,18 @@ def markdown_table(
             f"| {_fmt(s['kl'], '{:.4f}')} / {_fmt(s['max_kl'], '{:.4f}')} | {_fmt(s['pass_fraction'], '{:.0%}')} "
             f"| {_fmt(s['train_seconds'], '{:.0f}')} | {_fmt(s['audit_seconds'], '{:.1f}')} |"
         )
+    lines += [
+        "",
+        "Fraction passing at other thresholds (retention drop ≤ D and KL ≤ K):",
+        "",
+        "| setting | "
+        + " | ".join(f"D {d:.2f}, K {k:.2f}" for k in SENSITIVITY_KLS for d in SENSITIVITY_DROPS)
+        + " |",
+        "|---|" + "---|" * (len(SENSITIVITY_KLS) * len(SENSITIVITY_DROPS)),
+    ]
+    for s in summaries:
+        if s["pass_at"]:
+            lines.append(f"| {s['label']} | " + " | ".join(f"{v:.0%}" for v in s["pass_at"].values()) + " |")
     if calibration:
         lines += [
             "",
