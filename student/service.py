@@ -77,12 +77,12 @@ class StudentEngine:
         """Apply several (self-edit, run) pairs with their LoRAs trained together in one batched pass
         (student.multi); adapters in the order given. Every update is checked before any trains."""
         for i, (self_edit, _) in enumerate(updates):
-            field_name = f"updates[{i}].self_edit"
+            name = f"updates[{i}].self_edit"
             validate_passage(
-                self_edit.passage.title, self_edit.passage.context, self.limits, f"{field_name}.passage"
+                self_edit.passage.title, self_edit.passage.context, self.limits, f"{name}.passage"
             )
-            validate_lora(self_edit.lora, f"{field_name}.lora")
-            self.check_budget(self_edit)
+            validate_lora(self_edit.lora, f"{name}.lora")
+            self.check_budget(self_edit, name)
         with self.lock:
             adapters = apply_self_edits(
                 self.model,
@@ -105,7 +105,7 @@ class StudentEngine:
             if self.registry is not None:
                 self.registry.remove_holder(sha, self.student_id)
 
-    def check_budget(self, self_edit: SelfEdit) -> None:
+    def check_budget(self, self_edit: SelfEdit, name: str = "self_edit") -> None:
         """Refuse an update whose compute (epochs x training tokens) exceeds the configured budget."""
         sequences = tokenize_texts(
             self.tokenizer, build_training_texts(self_edit), self_edit.lora.max_seq_len
@@ -113,7 +113,7 @@ class StudentEngine:
         cost = self_edit.lora.epochs * sum(len(s) for s in sequences)
         if cost > self.max_train_tokens:
             raise InvalidArgument(
-                "self_edit.lora.epochs",
+                f"{name}.lora.epochs",
                 f"this update costs {cost} token-epochs ({self_edit.lora.epochs} epochs x "
                 f"{cost // self_edit.lora.epochs} tokens), over this student's budget of "
                 f"{self.max_train_tokens}; use fewer epochs or a shorter self-edit",

@@ -108,11 +108,12 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def make_optimizer(
-    trainable: list[torch.nn.Parameter], lora: LoraSettings, n_sequences: int
+    trainable: list[torch.nn.Parameter], lora: LoraSettings, n_sequences: int, foreach: bool | None = None
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW and its learning-rate schedule over `lora.epochs` passes of `n_sequences` sequences."""
+    """AdamW and its learning-rate schedule over `lora.epochs` passes of `n_sequences` sequences
+    (`foreach`: torch's choice of implementation when None)."""
     # No weight decay: the Hugging Face Trainer default the reference runs.
-    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=lora.learning_rate, weight_decay=0.0, foreach=foreach)
     total_steps = lora.epochs * -(-n_sequences // lora.batch_size)
     return optimizer, make_scheduler(optimizer, lora.schedule, total_steps)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,21 +25,24 @@ import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 
+from seal.errors import InvalidArgument
 from seal.models import load_model
 from seal.records import EditFormat, LoraSettings, Passage, SelfEdit
+from seal.validation import Limits
 from student.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
 from student.core import apply_self_edits
 from student.multi import (
     attached_in_turn,
-    compatible_groups,
     length_buckets,
     peft_init,
     per_adapter_lm_loss,
     resolve_compute_dtype,
+    segments,
     target_linears,
     train_adapters,
 )
 from student.sequences import IGNORE_INDEX
+from student.service import StudentEngine
 from student.training import causal_lm_loss, lora_config, train_adapter
 
 TEXTS = [
@@ -156,8 +160,8 @@ def test_saved_adapter_has_the_single_layout_and_loads_in_peft(
     assert (together_logits - alone_logits).abs().max().item() <= 1e-3 * scale
 
 
-def test_apply_self_edits_saves_verified_adapters_with_provenance(tiny_model, tmp_path: Path) -> None:
-    edit = SelfEdit(
+def _edit(lora: LoraSettings) -> SelfEdit:
+    return SelfEdit(
         id="e1",
         job_id="j",
         doc_index=0,
@@ -166,8 +170,12 @@ def test_apply_self_edits_saves_verified_adapters_with_provenance(tiny_model, tm
         passage=Passage("Velmora", "The Zorbian council meets in Velmora every spring."),
         text="The council meets in spring.",
         lines=("The council meets in spring.",),
-        lora=LoraSettings(epochs=1, learning_rate=1e-2),
+        lora=lora,
     )
+
+
+def test_apply_self_edits_saves_verified_adapters_with_provenance(tiny_model, tmp_path: Path) -> None:
+    edit = _edit(LoraSettings(epochs=1, learning_rate=1e-2))
     refs = apply_self_edits(*tiny_model, [(edit, 0), (edit, 1)], "tiny", "fp", tmp_path)
     assert [r.self_edit_id for r in refs] == ["e1", "e1"] and refs[0].sha256 != refs[1].sha256
     for ref, run in zip(refs, (0, 1), strict=True):
@@ -182,28 +190,45 @@ def test_apply_self_edits_saves_verified_adapters_with_provenance(tiny_model, tm
         assert provenance["losses"] and ref.steps == len(provenance["losses"])
 
 
-def test_mismatched_ranks_train_in_separate_groups_in_job_order(tiny_model) -> None:
-    model, tokenizer = tiny_model
-    settings = [
-        LoraSettings(rank=4, epochs=1),
-        LoraSettings(rank=8, epochs=1),
-        LoraSettings(rank=4, epochs=1, target_modules=("q_proj", "v_proj")),
-        LoraSettings(rank=4, epochs=1, alpha=4.0, seed=3),
+def test_the_engine_checks_every_update_before_training_any(tiny_model, tmp_path: Path) -> None:
+    edit = _edit(LoraSettings(epochs=1, rank=4))
+    costly = replace(edit, id="e2", lora=LoraSettings(epochs=50, rank=4))
+    engine = StudentEngine(*tiny_model, "tiny", "f" * 64, tmp_path, Limits(), max_train_tokens=200)
+    with pytest.raises(InvalidArgument, match="budget of 200;") as info:
+        engine.apply_many([(edit, 0), (costly, 0)])
+    assert info.value.field == "updates[1].self_edit.lora.epochs"
+    assert not any(tmp_path.iterdir())  # nothing was trained or saved
+    refs = engine.apply_many([(edit, 0), (edit, 1)])
+    assert [r.steps for r in refs] == [2, 2] and all((tmp_path / r.sha256).is_dir() for r in refs)
+
+
+def test_different_ranks_and_targets_share_one_pass_each_as_alone(tiny_model, tiny_model_dir: Path) -> None:
+    jobs = [
+        (TEXTS[:2], LoraSettings(rank=4, epochs=2, learning_rate=1e-2)),
+        (TEXTS[1:], LoraSettings(rank=8, epochs=1, seed=2, learning_rate=1e-2)),
+        ([OSTRA], LoraSettings(rank=4, epochs=3, seed=3, alpha=4.0, target_modules=("q_proj", "v_proj"))),
     ]
-    assert compatible_groups(model, settings) == [[0, 3], [1], [2]]
-    results = train_adapters(model, tokenizer, [(TEXTS[:1], lora) for lora in settings])
-    for lora, (adapter, stats) in zip(settings, results, strict=True):
-        assert adapter.config.r == lora.rank and stats.steps == 1
-        assert set(adapter.config.target_modules) == set(lora_config(model, lora).target_modules)
-        a_shapes = {v.shape[0] for k, v in adapter.state.items() if "lora_A" in k}
-        assert a_shapes == {lora.rank}
+    together = train_adapters(*tiny_model, jobs)
+    for (texts, lora), (adapter, stats) in zip(jobs, together, strict=True):
+        peft_model, alone = train_adapter(*load_model(tiny_model_dir), texts, lora)
+        assert adapter.config == lora_config(tiny_model[0], lora)
+        assert stats.losses == pytest.approx(alone.losses, rel=LOSS_RTOL)
+        _assert_same_adapter(get_peft_model_state_dict(peft_model), adapter.state)
+    assert {v.shape[0] for k, v in together[1][0].state.items() if "lora_A" in k} == {8}
+    assert {k.split(".")[-3] for k in together[2][0].state} == {"q_proj", "v_proj"}
+
+
+def test_segments_are_runs_of_one_adapter() -> None:
+    assert segments([]) == []
+    assert segments([2, 2, 0, 1, 1, 1]) == [(2, 0, 2), (0, 2, 3), (1, 3, 6)]
+    assert segments([0, 1, 0]) == [(0, 0, 1), (1, 1, 2), (0, 2, 3)]
 
 
 def test_lora_init_replays_peft_exactly(tiny_model) -> None:
     model, _ = tiny_model
     lora = LoraSettings(rank=4, seed=11)
     targets = target_linears(model, lora_config(model, lora).target_modules)
-    weights = peft_init(targets, lora.rank, lora.seed, torch.device("cpu"))
+    weights = peft_init([linear for _, linear in targets], lora.rank, lora.seed, torch.device("cpu"))
     torch.manual_seed(lora.seed)
     peft_state = get_peft_model_state_dict(get_peft_model(model, lora_config(model, lora)))
     ours = {}
