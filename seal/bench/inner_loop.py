@@ -1013,8 +1013,9 @@ def summarize_config(
         out["rewards_f1"] = {f"{r['context']}-{r['edit']}": r["reward_f1"] for r in rows}
     if train != measured:
         out["training_extrapolated"] = (
-            f"trained {settings.epochs_for(config)} epochs in {measured:.1f} s per self-edit, scaled to "
-            f"{settings.epochs} epochs; MFU from the measured run; rewards from {settings.epochs_for(config)} epochs"
+            f"trained {settings.epochs_for(config)} of the {settings.epochs} epochs, {measured:.1f} s per "
+            f"self-edit, its training time scaled to {settings.epochs} epochs; MFU from the measured run; "
+            f"rewards after {settings.epochs_for(config)} epoch(s)"
         )
     if any("cuda_peak_mib" in r for r in rows):
         out["cuda_peak_mib"] = max(r.get("cuda_peak_mib", 0.0) for r in rows)
