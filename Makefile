@@ -40,7 +40,9 @@ protos: $(STAMP)
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. proto/seal/v1/*.proto
 
-test: $(STAMP) $(VLLM_STAMP)
+# Both environments install side by side (mostly unpacking wheels), then the whole suite runs.
+test:
+	$(MAKE) -j2 $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -97,6 +98,8 @@ class VLLMServerSettings:
     """gpu_memory_utilization; on CPU builds the fraction of host memory reserved for the KV cache."""
     enforce_eager: bool = True
     """Skip graph capture / torch.compile: starts in a fraction of the time on CPU."""
+    api_key: str = field(default="", repr=False)
+    """A key every /v1 request must bear (vLLM's --api-key); "" leaves the server open (loopback)."""
     extra_args: tuple[str, ...] = ()
     log_file: Path | None = None
 
@@ -130,6 +133,15 @@ class VLLMServerSettings:
             args.append("--enforce-eager")
         return [*args, *self.extra_args]
 
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, runtime LoRA loading on, and the key (never on its command line)."""
+        env = dict(os.environ)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
+        return env
+
 
 class VLLMServer:
     """One vLLM OpenAI-compatible server process; a context manager that stops it on exit."""
@@ -148,10 +160,7 @@ class VLLMServer:
         why = vllm_unavailable(self.settings.python)
         if why:
             raise VLLMError(f"vLLM cannot start: {why}")
-        env = dict(os.environ)
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        # The spawned engine must not inherit a parent's thread limits meant for torch in *our* process.
+        env = self.settings.environment()
         command = self.settings.command(self.port)
         self._log = open(self.settings.log_file, "ab") if self.settings.log_file else subprocess.DEVNULL  # noqa: SIM115
         log.info("starting vLLM", extra={"command": " ".join(command)})
@@ -306,7 +315,8 @@ class VLLMEngine:
 
 
 def serve_forever(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - a thin CLI
-    """`python -m seal.vllm_server MODEL_DIR [--port P]`: start a server the way our services do."""
+    """`python -m seal.vllm_server MODEL_DIR [--port P]`: start a server the way our services do
+    (requiring the key in SEAL_VLLM_API_KEY, if set)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -314,12 +324,23 @@ def serve_forever(argv: Sequence[str] | None = None) -> None:  # pragma: no cove
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--name", default="base")
     args = parser.parse_args(argv)
-    server = VLLMServer(VLLMServerSettings(args.model_dir, served_name=args.name, port=args.port))
+    import signal
+
+    # SIGTERM stops the server too (it runs in its own session, so it would outlive us otherwise).
+    signal.signal(signal.SIGTERM, _interrupt)
+    key = os.environ.get("SEAL_VLLM_API_KEY", "")
+    server = VLLMServer(
+        VLLMServerSettings(args.model_dir, served_name=args.name, port=args.port, api_key=key)
+    )
     with server:
         print(server.base_url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while server.process is not None and server.process.poll() is None:
                 time.sleep(1)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -331,14 +352,20 @@ def engine_for(config: ServiceConfig, model_dir: Path) -> tuple[VLLMEngine, Call
     server of `model_dir` this process starts (its log in <data_dir>/vllm.log) and stops on exit.
 
     An external server must serve the same base model as the service's own (its fingerprint cannot be
-    checked over the API): that is the operator's promise in `vllm_url`.
+    checked over the API): that is the operator's promise in `vllm_url`; its key, if it takes one,
+    comes from SEAL_VLLM_API_KEY. A server started here gets a random key of its own.
     """
     if config.vllm_url:
-        engine = VLLMEngine(config.vllm_url, model=VLLM_BASE_NAME)
+        engine = VLLMEngine(
+            config.vllm_url, model=VLLM_BASE_NAME, api_key=os.environ.get("SEAL_VLLM_API_KEY", "")
+        )
         return engine, engine.close
+    # A key of its own for a server we start: nobody else on the host can load adapters into it.
+    key = secrets.token_urlsafe(24)
     settings = VLLMServerSettings(
         Path(model_dir),
         served_name=VLLM_BASE_NAME,
+        api_key=key,
         python=Path(config.vllm_python) if config.vllm_python else default_vllm_python(),
         dtype=config.dtype,
         max_lora_rank=config.max_directive_rank,
@@ -347,7 +374,7 @@ def engine_for(config: ServiceConfig, model_dir: Path) -> tuple[VLLMEngine, Call
     )
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     server = VLLMServer(settings).start()
-    engine = VLLMEngine(server.base_url, model=VLLM_BASE_NAME)
+    engine = VLLMEngine(server.base_url, model=VLLM_BASE_NAME, api_key=key)
 
     def stop() -> None:
         engine.close()

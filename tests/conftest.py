@@ -80,29 +80,38 @@ def delete_namespace(redis_url: str, namespace: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_url(tmp_path_factory: pytest.TempPathFactory):
-    """The base URL (…/v1) of a vLLM server of the default model, serving it as "base"."""
+def vllm_target(tmp_path_factory: pytest.TempPathFactory):
+    """(base URL …/v1, API key) of a vLLM server of the default model, serving it as "base"."""
     given = os.environ.get("SEAL_TEST_VLLM_URL")
     if given:
-        yield given
+        yield given, os.environ.get("SEAL_TEST_VLLM_API_KEY", "")
         return
     why = vllm_unavailable(default_vllm_python())
     if why:
         pytest.skip(f"vLLM cannot run on this machine: {why}")
     log_file = tmp_path_factory.mktemp("vllm") / "server.log"
-    settings = VLLMServerSettings(resolve_model(DEFAULT_MODEL), served_name=VLLM_BASE_NAME, log_file=log_file)
-    server = VLLMServer(settings)
+    key = f"sk-vllm-test-{os.urandom(8).hex()}"
+    model_dir = resolve_model(DEFAULT_MODEL)
+    server = VLLMServer(
+        VLLMServerSettings(model_dir, served_name=VLLM_BASE_NAME, api_key=key, log_file=log_file)
+    )
     try:
         server.start(timeout_s=900)
     except Exception as exc:  # the log says why; show its tail in the failure
         tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
         raise RuntimeError(f"{exc}\n--- vLLM log tail ---\n{tail}") from exc
-    yield server.base_url
+    yield server.base_url, key
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(vllm_url: str):
-    engine = VLLMEngine(vllm_url, model=VLLM_BASE_NAME)
+def vllm_url(vllm_target: tuple[str, str]) -> str:
+    return vllm_target[0]
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_target: tuple[str, str]):
+    url, key = vllm_target
+    engine = VLLMEngine(url, model=VLLM_BASE_NAME, api_key=key)
     yield engine
     engine.close()

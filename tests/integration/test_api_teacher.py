@@ -90,10 +90,11 @@ def seal_endpoint(
 
 
 @pytest.fixture(scope="module")
-def vllm_endpoint(vllm_url: str) -> Upstream:
-    """A real `vllm serve` of the default model (tests/conftest.py; skips, saying why, where vLLM
-    cannot install). It takes any key, and n > 1."""
-    return Upstream(vllm_url, "base", api_key="sk-test-not-checked-by-vllm")
+def vllm_endpoint(vllm_target: tuple[str, str]) -> Upstream:
+    """A real vLLM OpenAI server of the default model, requiring its key (tests/conftest.py; skips,
+    saying why, where vLLM cannot install). It serves n > 1."""
+    url, key = vllm_target
+    return Upstream(url, "base", api_key=key)
 
 
 @pytest.fixture(scope="module", params=UPSTREAMS)
