@@ -260,15 +260,19 @@ def test_resume_skips_finished_parts(run_dir: Path, tiny_model_dir: Path, data_d
     assert main(_argv(tiny_model_dir, data_dir, run_dir)) == 0
     assert (run_dir / "rows.jsonl").read_text().splitlines() == rows
 
-    # A run killed during (a)'s last self-edit: only that one runs again.
-    last = json.loads(rows[-1])
-    assert (last["kind"], last["config"]) == ("edit", "a")
-    (run_dir / "rows.jsonl").write_text("\n".join(rows[:-1]) + "\n" + rows[-1][:20])  # cut mid-line
+    # A run killed while it wrote (a)'s last self-edit: that row cut mid-line, the answerer rows not yet
+    # written. Only those run again.
+    cut = max(i for i, line in enumerate(rows) if json.loads(line).get("config") == "a")
+    assert all(json.loads(line)["kind"] == "eval" for line in rows[cut + 1 :])
+    (run_dir / "rows.jsonl").write_text("\n".join(rows[:cut]) + "\n" + rows[cut][:20])
     monkeypatch.undo()
     monkeypatch.setattr(inner_loop, "train_ours", refuse)
     assert main(_argv(tiny_model_dir, data_dir, run_dir)) == 0
-    redone = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()[len(rows) :]]
-    assert [(r["kind"], r["config"], r["edit"]) for r in redone] == [("edit", "a", last["edit"])]
+    redone = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()[cut + 1 :]]
+    assert [(r["kind"], r["config"]) for r in redone] == [("edit", "a")] + [
+        ("eval", json.loads(line)["config"]) for line in rows[cut + 1 :]
+    ]
+    assert redone[0]["edit"] == json.loads(rows[cut])["edit"]
 
 
 def test_a_plugged_in_answerer_fills_its_column(run_dir: Path, tiny_model_dir: Path, monkeypatch):
