@@ -397,18 +397,17 @@ class RoutedLoraLinear(torch.nn.Module):
         if self.route.segments is None:
             return out
         # PEFT's own arithmetic, lora_B(lora_A(x)) * scaling, on each adapter's slice of rows (a view:
-        # rows come sorted by adapter). The adapters' products stay fp32 whatever the base computes in.
+        # rows come sorted by adapter), added in place (the base's matmul does not keep its output for
+        # backward). The adapters' products stay fp32 whatever the base computes in.
         with torch.autocast(x.device.type, enabled=False):
-            parts = []
             for k, start, end in self.route.segments:
                 pair = self.weights[k]
-                if pair is None:  # an adapter that does not target this layer
-                    parts.append(torch.zeros_like(out[start:end], dtype=torch.float32))
-                    continue
-                a, b = pair
-                parts.append(F.linear(F.linear(x[start:end].to(a.dtype), a), b) * self.route.scalings[k])
-            delta = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out + delta.to(out.dtype)
+                if pair is not None:  # None: an adapter that does not target this layer
+                    a, b = pair
+                    out[start:end].add_(
+                        F.linear(F.linear(x[start:end].to(a.dtype), a), b) * self.route.scalings[k]
+                    )
+        return out
 
 
 def target_linears(model: Any, target_modules: Any) -> list[tuple[str, torch.nn.Linear]]:
