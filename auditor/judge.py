@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import openai
 
 from auditor.grading import grade_answer
+from seal.apikeys import read_api_key
 from seal.records import QuestionScore
 
 API_KEY_ENV = "SEAL_JUDGE_API_KEY"
@@ -79,19 +80,11 @@ def cache_key(model: str, question: str, gold: str, response: str) -> str:
 
 
 def resolve_api_key(key_file: str, environ: Mapping[str, str]) -> str:
-    """The judge's API key: the first line of `key_file` when one is named, else SEAL_JUDGE_API_KEY.
+    """The judge's API key: the content of `key_file` when one is named, else SEAL_JUDGE_API_KEY.
 
     Empty when neither is set (a local server without auth). Errors name the file, never its content.
     """
-    if not key_file:
-        return environ.get(API_KEY_ENV, "").strip()
-    try:
-        key = Path(key_file).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read the judge API key file {key_file}: {exc.strerror}") from None
-    if not key:
-        raise ValueError(f"the judge API key file {key_file} is empty")
-    return key
+    return read_api_key(key_file, environ.get(API_KEY_ENV, ""), "judge API key")
 
 
 class LLMJudge:
