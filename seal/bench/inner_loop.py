@@ -31,11 +31,11 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from seal.bench import report
 from seal.bench.knowledge import JsonlLog, _digest, default_data_dir, load_training_items
@@ -391,7 +391,7 @@ def generate_self_edits(
             "edits": [{"text": e.text, "lines": list(e.lines)} for e in edits],
         }
         cache.append(row)
-    edits = tuple(
+    cached = tuple(
         SelfEdit(
             id=f"bench/{index}/{i}",
             job_id="bench",
@@ -405,7 +405,7 @@ def generate_self_edits(
         )
         for i, e in enumerate(row["edits"])
     )
-    return Context(index, doc, edits, float(row["generation_seconds"]))
+    return Context(index, doc, cached, float(row["generation_seconds"]))
 
 
 # --- (a) and (b): the reference's loop on the Hugging Face Trainer ------------------------------------
@@ -532,7 +532,7 @@ def ours_trainer(choice: str) -> str:
 
 def train_ours(
     model: Any, tokenizer: Any, context: Context, settings: Settings, trainer: str
-) -> Iterator[tuple[int, Any, TrainRun]]:
+) -> Generator[tuple[int, Any, TrainRun], None, None]:
     """(c)'s training of one context's self-edits: yields (edit index, a PeftModel answering with that
     adapter, the run). The model is valid until the next item; close the generator when done.
 
@@ -564,7 +564,9 @@ def train_ours(
     _sync(settings.device)
     seconds = (time.perf_counter() - started) / len(jobs)
     processed = batched_processed_tokens(lengths, lora)
-    with closing(attached_in_turn(model, [adapter for adapter, _ in results])) as views:
+    # A generator (closing it detaches the adapters), though student.multi annotates it as an Iterator.
+    in_turn = cast(Generator[tuple[int, Any], None, None], attached_in_turn(model, [a for a, _ in results]))
+    with closing(in_turn) as views:
         for i, peft_model in views:
             stats = results[i][1]
             run = TrainRun(
