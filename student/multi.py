@@ -3,7 +3,8 @@
     from contextlib import closing
     from student.multi import attached_in_turn, train_adapters
 
-    results = train_adapters(model, tokenizer, [(texts_0, lora_0), (texts_1, lora_1), ...])
+    results = train_adapters(model, tokenizer, [(texts_0, lora_0), (texts_1, lora_1), ...],
+                             compute_dtype="float32", max_tokens=MAX_TOKENS, on_step=None)
     adapters = [adapter for adapter, _ in results]          # TrainedLora, in job order
     stats = [s for _, s in results]                         # student.training.TrainStats
     with closing(attached_in_turn(model, adapters)) as views:
@@ -38,6 +39,9 @@ Precision: `compute_dtype="bfloat16"` runs the frozen base's matrix products in 
 while the LoRA weights, their products, the loss and AdamW's state stay fp32. The default is fp32:
 bf16 only pays on hardware with native bf16 (AVX512-BF16/AMX CPUs, recent GPUs; "auto" picks it
 there), and on this repository's 2-core AVX2 CI machine a bf16 matmul runs ~50x slower than fp32.
+Measured on the tiny test model (3 adapters, 2 to 6 steps at lr 5e-3 to 1e-2): bf16 moves the losses
+by at most 1.7e-3 relative but the trained weights by 1.4 % to 3.7 % (relative Frobenius norm),
+against fp32's 1e-5; whether rewards keep their order under bf16 is for a benchmark on real hardware.
 
 `seconds` in each TrainStats is the group's wall time until that adapter's last step: the adapters
 share every forward, so no adapter has a time of its own.

@@ -1,12 +1,13 @@
 """K LoRAs trained together (student.multi) equal each trained alone (student.training), and save as
 PEFT adapters the auditor loads unchanged.
 
-Tolerance (fp32). Both paths do the same arithmetic except for rounding: batched (bmm) instead of
-per-layer matrix products, sums in another order, other padding widths. Measured on the tiny model
-(JOBS below): adapters whose batches have one row come out bit-identical; the batch-size-2 adapter
+Tolerance (fp32). Both paths do the same arithmetic (PEFT's LoRA products, the same AdamW) except
+for rounding: the base's matrix products run over other row counts and padding widths, and the loss
+sums in another order. Measured on the tiny model (JOBS below): adapters whose batches have one row
+come out bit-identical, their losses within 1.6e-7 relative; the batch-size-2 adapter
 differs by 3.4e-6 in relative Frobenius norm, 1.3e-6 at the 99.9th percentile and 2.5e-5 at worst,
-against a largest weight of 0.135 (1.8e-4 relative); losses differ by at most 1.6e-7 relative. The
-worst element is AdamW's doing: it divides by sqrt(v), so where a gradient is nearly zero a rounding
+against a largest weight of 0.135 (1.8e-4 relative), its losses within 8e-8 relative. The worst
+element is AdamW's doing: it divides by sqrt(v), so where a gradient is nearly zero a rounding
 difference of the gradient becomes a sizeable relative difference of the step. So the bounds are:
 relative Frobenius difference <= 1e-4, every element within 1e-3 x the adapter's largest weight,
 every step's loss within 1e-5 relative: 5x to 30x above what we see, and far below what any real
