@@ -111,17 +111,7 @@ def kl_batches(pool: Sequence[BaseAnswer], batch_size: int, seed: int) -> Iterat
 def kl_penalty(peft_model: Any, batch: Sequence[BaseAnswer], pad_id: int) -> torch.Tensor:
     """Mean per-token KL(base || adapted) over the answer tokens of `batch`, differentiable in the
     adapter; the base's logits come from the same model with the adapter disabled, without gradient."""
-    device = next(peft_model.parameters()).device
-    width = max(len(a.ids) for a in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    # Position t predicts token t + 1: these positions predict the answer's tokens.
-    predicts_answer = torch.zeros_like(ids, dtype=torch.bool)
-    for row, a in enumerate(batch):
-        ids[row, : len(a.ids)] = torch.tensor(a.ids)
-        mask[row, : len(a.ids)] = 1
-        predicts_answer[row, a.prompt_len - 1 : len(a.ids) - 1] = True
-    ids, mask, predicts_answer = ids.to(device), mask.to(device), predicts_answer.to(device)
+    ids, mask, predicts_answer = answer_tensors(batch, pad_id, next(peft_model.parameters()).device)
     with torch.no_grad(), peft_model.disable_adapter():
         base = peft_model(input_ids=ids, attention_mask=mask).logits[predicts_answer]
     adapted = peft_model(input_ids=ids, attention_mask=mask).logits[predicts_answer]
@@ -135,3 +125,19 @@ def mean_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor) -> torch.Te
     log_p = F.log_softmax(base_logits.float(), dim=-1)
     log_q = F.log_softmax(adapted_logits.float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def answer_tensors(
+    batch: Sequence[BaseAnswer], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, positions that predict an answer token) of right-padded prompt + answer
+    sequences (position t predicts token t + 1), for the KL penalty."""
+    width = max(len(a.ids) for a in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    predicts_answer = torch.zeros_like(ids, dtype=torch.bool)
+    for row, a in enumerate(batch):
+        ids[row, : len(a.ids)] = torch.tensor(a.ids)
+        mask[row, : len(a.ids)] = 1
+        predicts_answer[row, a.prompt_len - 1 : len(a.ids) - 1] = True
+    return ids.to(device), mask.to(device), predicts_answer.to(device)

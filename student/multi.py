@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
 from seal.records import LoraSettings
-from student.general import KL_BATCH, BaseAnswer, general_data, kl_batches, mean_kl
+from student.general import KL_BATCH, BaseAnswer, answer_tensors, general_data, kl_batches, mean_kl
 from student.sequences import IGNORE_INDEX, batches, pad_batch
 from student.training import (
     TrainStats,
@@ -333,22 +333,6 @@ def per_adapter_lm_loss(
     )
     per_row = token_losses.view(labels.size(0), -1).sum(dim=1)
     return torch.zeros(n_adapters, device=logits.device).index_add(0, adapter_of_row, per_row)
-
-
-def answer_tensors(
-    batch: Sequence[BaseAnswer], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention mask, positions that predict an answer token) of right-padded prompt + answer
-    sequences, as `student.general.kl_penalty` builds them."""
-    width = max(len(a.ids) for a in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    predicts_answer = torch.zeros_like(ids, dtype=torch.bool)
-    for row, a in enumerate(batch):
-        ids[row, : len(a.ids)] = torch.tensor(a.ids)
-        mask[row, : len(a.ids)] = 1
-        predicts_answer[row, a.prompt_len - 1 : len(a.ids) - 1] = True
-    return ids.to(device), mask.to(device), predicts_answer.to(device)
 
 
 # --- the routed LoRA layers ------------------------------------------------------------------------
