@@ -143,6 +143,12 @@ class ServiceConfig:
     """Auditor: how long to keep retrying (with backoff) for a student that holds an adapter."""
     max_train_tokens: int = 2_000_000
     """Student: compute budget of one update, epochs x training tokens; larger self-edits are refused."""
+    train_batch: int = 1
+    """Student: apply tasks taken at once and trained together in one batched pass over the shared base
+    (student.multi: each adapter as it would train alone, up to rounding); 1 trains each alone."""
+    compute_dtype: str = "float32"
+    """Student: the frozen base's matmul dtype when updates train together: float32, bfloat16 (LoRA
+    weights, loss and optimizer stay fp32) or auto (bf16 where the hardware has it natively)."""
     adapter_retention: int = 200
     """Student and auditor: adapters kept on disk (oldest pruned first, none younger than an hour); 0 keeps all."""
     http_max_body_bytes: int = 16 * 1024 * 1024
@@ -185,6 +191,10 @@ class ServiceConfig:
             raise ValueError(f"answer_backend must be transformers or vllm, got {self.answer_backend!r}")
         if self.audit_workers < 1:
             raise ValueError(f"audit_workers must be >= 1, got {self.audit_workers}")
+        if self.train_batch < 1:
+            raise ValueError(f"train_batch must be >= 1, got {self.train_batch}")
+        if self.compute_dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"compute_dtype must be float32, bfloat16 or auto, got {self.compute_dtype!r}")
         if not 0 < self.vllm_memory_fraction <= 1:
             raise ValueError(f"vllm_memory_fraction must be in (0, 1], got {self.vllm_memory_fraction}")
         if bool(self.judge_base_url) != bool(self.judge_model):

@@ -13,7 +13,7 @@ import redis
 from seal.config import ServiceConfig
 from seal.killswitch import KillSwitchWatch
 from seal.models import load_model, model_fingerprint, resolve_model
-from seal.workplane import Followups, Handler, Worker, WorkPlane, wait_for_redis
+from seal.workplane import BatchHandler, Followups, Handler, Worker, WorkPlane, wait_for_redis
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ def make_worker(
     handle: Handler,
     followups: Followups | None = None,
     pausable: bool = True,
+    handle_batch: BatchHandler | None = None,
+    batch_size: int = 1,
 ) -> Worker:
     """This service's worker on `stream`, in the consumer group named after the service kind.
 
@@ -81,4 +83,6 @@ def make_worker(
         visibility_timeout_s=config.visibility_timeout_s,
         max_attempts=config.max_attempts,
         paused=KillSwitchWatch(plane).on if pausable else None,
+        handle_batch=handle_batch,
+        batch_size=batch_size,
     )

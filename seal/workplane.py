@@ -149,6 +149,7 @@ class WorkPlane:
 
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+BatchHandler = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 Followups = Callable[[dict[str, Any], dict[str, Any]], list[Task]]
 
 
@@ -167,8 +168,20 @@ class Worker:
     retry_backoff_s: float = 2.0
     paused: Callable[[], bool] | None = None
     """While this says True (the kill switch), the worker takes no new task; one in flight finishes."""
+    handle_batch: BatchHandler | None = None
+    """Handles several tasks in one call and returns one result per payload, in order (the student
+    trains their adapters in one batched pass). Used when `batch_size` > 1 and more than one task is
+    waiting; if it raises, each task of the batch is handled alone by `handle`, so a bad task fails
+    only itself and is retried or dead-lettered on its own attempts."""
+    batch_size: int = 1
+    """Most tasks taken at once for `handle_batch`."""
+    batch_linger_s: float = 0.25
+    """After the first task of a batch arrives, how long to wait for more to fill it (the tasks of
+    one round are enqueued one after another); short against the training a batch saves."""
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         self._stream_key = self.plane.stream_key(self.stream)
         self.plane.ensure_group(self.stream, self.group)
 
@@ -192,20 +205,26 @@ class Worker:
         log.info("worker stopped", extra={"stream": self.stream, "consumer": self.consumer})
 
     def poll_once(self, block_ms: int = 1000) -> int:
-        """Process at most one task: a reclaimed stuck one first, else a new one. Returns how many.
+        """Process the tasks waiting, up to `batch_size` with a `handle_batch` (else one): reclaimed
+        stuck ones first, else new ones. Returns how many.
 
         A missing consumer group (Redis came back without its data) is re-created from the start of
         the stream, which holds only unacknowledged entries, so nothing done is delivered again.
         """
         try:
-            messages: Any = self.reclaim_stuck_tasks(count=1)
+            count = self.batch_size if self.handle_batch is not None else 1
+            messages: Any = self.reclaim_stuck_tasks(count=count)
             if not messages:
                 reply: Any = self.plane.redis.xreadgroup(
-                    self.group, self.consumer, {self._stream_key: ">"}, count=1, block=block_ms
+                    self.group, self.consumer, {self._stream_key: ">"}, count=count, block=block_ms
                 )
                 messages = reply[0][1] if reply else []
-            for msg_id, fields in messages:
-                self._process(msg_id, fields)
+            if messages and len(messages) < count:
+                messages += self._linger(count - len(messages))
+            if len(messages) > 1:
+                self._process_batch(messages)
+            elif messages:
+                self._process(*messages[0])
         except redis.ResponseError as exc:
             if _is_nogroup(exc):
                 log.warning(
@@ -216,6 +235,19 @@ class Worker:
                 return 0
             raise
         return len(messages)
+
+    def _linger(self, room: int) -> list[Any]:
+        """Up to `room` more new tasks, waiting at most `batch_linger_s` for them."""
+        more: list[Any] = []
+        deadline = time.monotonic() + self.batch_linger_s
+        while len(more) < room and (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+            reply: Any = self.plane.redis.xreadgroup(
+                self.group, self.consumer, {self._stream_key: ">"}, count=room - len(more), block=left_ms
+            )
+            if not reply:
+                break
+            more += reply[0][1]
+        return more
 
     def reclaim_stuck_tasks(self, count: int = 1) -> list[tuple[str, dict[str, str]]]:
         """Take over tasks whose worker went quiet for longer than the visibility timeout."""
@@ -233,23 +265,82 @@ class Worker:
         return claimed
 
     def _process(self, msg_id: Any, fields: dict[bytes, bytes]) -> None:
+        attempts = self._count_attempt(msg_id, fields)
+        if attempts is not None:
+            self._run(msg_id, fields, attempts)
+
+    def _process_batch(self, messages: list[tuple[Any, dict[bytes, bytes]]]) -> None:
+        """Hand the tasks that still need computing to `handle_batch` in one call; a task already
+        computed (its result stored) or unreadable takes the single path, and so does every task of
+        a batch whose call failed."""
+        waiting: list[tuple[Any, dict[bytes, bytes], int, dict[str, Any]]] = []
+        for msg_id, fields in messages:
+            attempts = self._count_attempt(msg_id, fields)
+            if attempts is None:
+                continue
+            payload = _loads_or_none(fields)
+            task_id = fields.get(b"task_id", b"").decode()
+            if payload is None or self.plane.result(self.stream, task_id) is not None:
+                self._run(msg_id, fields, attempts)
+            else:
+                waiting.append((msg_id, fields, attempts, payload))
+        if len(waiting) < 2 or self.handle_batch is None:
+            for msg_id, fields, attempts, _ in waiting:
+                self._run(msg_id, fields, attempts)
+            return
+        try:
+            with self._heartbeat(*(m for m, *_ in waiting)), metrics.handling(self.group, self.stream):
+                results = self.handle_batch([payload for *_, payload in waiting])
+            if len(results) != len(waiting):
+                raise RuntimeError(f"handle_batch gave {len(results)} results for {len(waiting)} tasks")
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # Redis is gone: the tasks stay pending and are retried once it is back
+        except Exception as exc:  # noqa: BLE001 - one bad task must not fail the others: one at a time
+            log.warning(
+                "batch failed; handling its tasks one at a time",
+                extra={"stream": self.stream, "tasks": len(waiting), "error": f"{type(exc).__name__}: {exc}"},
+            )
+            for msg_id, fields, attempts, _ in waiting:
+                self._run(msg_id, fields, attempts)
+            return
+        for (msg_id, fields, attempts, _), result in zip(waiting, results, strict=True):
+            self._run(msg_id, fields, attempts, computed=result)
+
+    def _count_attempt(self, msg_id: Any, fields: dict[bytes, bytes]) -> int | None:
+        """Count this delivery; None (the task dead-lettered and acked) once it has had too many."""
         task_id = fields.get(b"task_id", b"").decode()
         # Counted before the work, so a task that crashes its worker every time still runs out of tries.
         attempts = int(self.plane.redis.incr(self._attempts_key(task_id)))
         self.plane.redis.expire(self._attempts_key(task_id), RESULT_TTL_S)
-        payload: dict[str, Any] = {}
         if attempts > self.max_attempts:  # every earlier delivery died with its worker
             reason = f"gave up after {attempts - 1} deliveries whose workers died mid-task"
             self.plane.dead_letter(self.stream, task_id, _loads_or_empty(fields), reason, attempts - 1)
             self._ack(msg_id, task_id)
             metrics.task_dead_lettered(self.group, self.stream)
-            return
+            return None
+        return attempts
+
+    def _run(
+        self,
+        msg_id: Any,
+        fields: dict[bytes, bytes],
+        attempts: int,
+        computed: dict[str, Any] | None = None,
+    ) -> None:
+        """Handle (unless `computed` by a batch, or stored by an earlier delivery), store the result,
+        enqueue the follow-ups, ack; a failure is retried later or dead-lettered."""
+        task_id = fields.get(b"task_id", b"").decode()
+        payload: dict[str, Any] = {}
         try:
             payload = json.loads(fields[b"payload"])
-            result = self.plane.result(self.stream, task_id)
+            result = computed
+            if result is None:
+                result = self.plane.result(self.stream, task_id)
             if result is None:
                 with self._heartbeat(msg_id), metrics.handling(self.group, self.stream):
                     result = self.handle(payload)
+                computed = result
+            if computed is not None:
                 self.plane.store_result(self.stream, task_id, result)
             for task in self.followups(payload, result):
                 self.plane.enqueue(task)
@@ -290,14 +381,14 @@ class Worker:
         # XAUTOCLAIM retries it after `retry_backoff_s` instead of a full timeout.
         self._touch(msg_id, idle_ms=max(0, int((self.visibility_timeout_s - self.retry_backoff_s) * 1000)))
 
-    def _touch(self, msg_id: Any, idle_ms: int = 0) -> None:
-        """Keep `msg_id` claimed by this consumer and set how long it has looked idle (0: fresh)."""
+    def _touch(self, *msg_ids: Any, idle_ms: int = 0) -> None:
+        """Keep `msg_ids` claimed by this consumer and set how long they have looked idle (0: fresh)."""
         self.plane.redis.xclaim(
             self._stream_key,
             self.group,
             self.consumer,
             min_idle_time=0,
-            message_ids=[msg_id],
+            message_ids=list(msg_ids),
             idle=idle_ms,
             justid=True,
         )
@@ -306,14 +397,14 @@ class Worker:
         return self.plane.key("attempts", self.stream, task_id)
 
     @contextmanager
-    def _heartbeat(self, msg_id: Any) -> Iterator[None]:
-        """Keep the claim on `msg_id` fresh while a long task runs, so no one reclaims it."""
+    def _heartbeat(self, *msg_ids: Any) -> Iterator[None]:
+        """Keep the claim on `msg_ids` fresh while a long task runs, so no one reclaims them."""
         done = threading.Event()
 
         def beat() -> None:
             while not done.wait(self.visibility_timeout_s / 3):
                 try:
-                    self._touch(msg_id)
+                    self._touch(*msg_ids)
                 except redis.RedisError as exc:
                     log.warning("heartbeat failed", extra={"error": str(exc)})
 
@@ -330,11 +421,16 @@ def _is_nogroup(exc: redis.ResponseError) -> bool:
     return "NOGROUP" in str(exc)
 
 
-def _loads_or_empty(fields: dict[bytes, bytes]) -> dict[str, Any]:
+def _loads_or_none(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
     try:
-        return dict(json.loads(fields[b"payload"]))
+        payload = json.loads(fields[b"payload"])
     except (KeyError, ValueError, TypeError):
-        return {}
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _loads_or_empty(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    return _loads_or_none(fields) or {}
 
 
 def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:

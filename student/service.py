@@ -155,6 +155,17 @@ def apply_handler(engine: StudentEngine) -> Callable[[dict[str, Any]], dict[str,
     return handle
 
 
+def apply_batch_handler(engine: StudentEngine) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Several apply tasks at once: their adapters train together in one batched pass (apply_many)."""
+
+    def handle(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        tasks = [decode(ApplyTask, payload) for payload in payloads]
+        adapters = engine.apply_many([(_required(task.self_edit), task.run) for task in tasks])
+        return [encode(ApplyResult(adapter=adapter)) for adapter in adapters]
+
+    return handle
+
+
 def apply_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Task]:
     """Tell the gateway the adapter was trained, and hand it to the auditor."""
     task = decode(ApplyTask, payload)
@@ -214,9 +225,18 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         max_train_tokens=config.max_train_tokens,
         retention=config.adapter_retention,
         registry=registry,
+        compute_dtype=config.compute_dtype,
     )
     engine.adapters_root.mkdir(parents=True, exist_ok=True)
-    worker = make_worker(config, plane, "apply", apply_handler(engine), apply_followups)
+    worker = make_worker(
+        config,
+        plane,
+        "apply",
+        apply_handler(engine),
+        apply_followups,
+        handle_batch=apply_batch_handler(engine) if config.train_batch > 1 else None,
+        batch_size=config.train_batch,
+    )
 
     def register(server: grpc.Server) -> list[str]:
         student_pb2_grpc.add_StudentServicer_to_server(StudentServicer(engine), server)

@@ -69,6 +69,7 @@ def stack(tiny_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPat
         redis_url=redis_url,
         namespace=f"seal-it-{uuid.uuid4().hex[:8]}",
         threads=1,
+        extra_flags={"student": ["--train-batch", "3"]},
     ) as running:
         yield running
     delete_namespace(redis_url, running.namespace)
@@ -102,6 +103,18 @@ def test_job_completes_with_every_self_edit_trained_and_audited(finished_job: Jo
             assert len(v.adapted_scores) == len(job.spec.documents[doc.doc_index].questions)
             assert edit.adapter.train_seconds > 0 and v.eval_seconds > 0
         assert doc.best_self_edit_id in {e.self_edit.id for e in doc.edits if e.self_edit.index >= 0}
+
+
+def test_the_student_trains_a_rounds_updates_together(stack: LocalStack, finished_job: Job) -> None:
+    """--train-batch 3: a document's three apply tasks, enqueued together, train in one batched pass."""
+    adapters = stack.data_dir / "student" / "adapters"
+    together = [
+        json.loads((adapters / e.adapter.sha256 / "provenance.json").read_text()).get("trained_together", 1)
+        for doc in finished_job.documents
+        for e in doc.edits
+        if e.adapter is not None
+    ]
+    assert len(together) == 6 and max(together) > 1, together
 
 
 def test_verdicts_carry_the_auditors_valid_signature(stack: LocalStack, finished_job: Job) -> None:

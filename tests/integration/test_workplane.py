@@ -353,3 +353,101 @@ def test_idle_consumers_that_hold_no_task_are_forgotten(plane) -> None:
     names = {c["name"] for c in plane.redis.xinfo_consumers(key, "student")}
     assert names == {b"dead-holding-a-task", b"alive"}  # its task is kept for XAUTOCLAIM
     assert plane.pending_count("apply", "student") == 1
+
+
+# --- several tasks in one call (the student trains their adapters in one batched pass) ---------------
+
+
+def _batch_worker(plane, calls: list, batch: list, **kwargs) -> Worker:
+    def handle(payload: dict) -> dict:
+        calls.append(payload["x"])
+        if payload["x"] < 0:
+            raise PermanentError(f"x={payload['x']} is negative")
+        return {"alone": payload["x"]}
+
+    def handle_batch(payloads: list[dict]) -> list[dict]:
+        batch.append([p["x"] for p in payloads])
+        if any(p["x"] < 0 for p in payloads):
+            raise ValueError("a negative x spoils the batch")
+        return [{"together": p["x"]} for p in payloads]
+
+    return Worker(
+        plane,
+        "apply",
+        "student",
+        "w1",
+        handle,
+        lambda payload, result: [Task("audit", f"a-{payload['x']}", result)],
+        handle_batch=handle_batch,
+        batch_size=3,
+        **kwargs,
+    )
+
+
+def test_waiting_tasks_are_handled_together_up_to_the_batch_size(plane) -> None:
+    calls: list = []
+    batch: list = []
+    worker = _batch_worker(plane, calls, batch)
+    for x in (1, 2, 3, 4):
+        plane.enqueue(Task("apply", f"t{x}", {"x": x}))
+    assert worker.poll_once(block_ms=100) == 3
+    assert batch == [[1, 2, 3]] and calls == []
+    assert [plane.result("apply", f"t{x}") for x in (1, 2, 3)] == [{"together": x} for x in (1, 2, 3)]
+    # The fourth waits for the next poll, and alone it takes the single path.
+    assert plane.redis.xlen(plane.stream_key("apply")) == 1
+    assert worker.poll_once(block_ms=100) == 1
+    assert calls == [4] and plane.result("apply", "t4") == {"alone": 4}
+    assert plane.pending_count("apply", "student") == 0
+    follow = [e[1][b"task_id"] for e in plane.redis.xrange(plane.stream_key("audit"))]
+    assert follow == [b"a-1", b"a-2", b"a-3", b"a-4"]
+
+
+def test_a_failed_batch_falls_back_to_one_at_a_time_and_only_the_bad_task_fails(plane) -> None:
+    calls: list = []
+    batch: list = []
+    worker = _batch_worker(plane, calls, batch)
+    for x in (5, -1, 6):
+        plane.enqueue(Task("apply", f"t{x}", {"x": x}))
+    assert worker.poll_once(block_ms=100) == 3
+    assert batch == [[5, -1, 6]] and calls == [5, -1, 6]
+    assert plane.result("apply", "t5") == {"alone": 5} and plane.result("apply", "t6") == {"alone": 6}
+    assert plane.result("apply", "t-1") is None
+    (entry,) = plane.redis.xrange(plane.stream_key("dead"))
+    letter = decode(DeadLetter, json.loads(entry[1][b"payload"]))
+    assert (letter.task_id, letter.attempts) == ("t-1", 1) and "x=-1 is negative" in letter.reason
+    assert plane.pending_count("apply", "student") == 0
+
+
+def test_a_batch_skips_tasks_already_computed_and_unreadable_ones(plane) -> None:
+    calls: list = []
+    batch: list = []
+    worker = _batch_worker(plane, calls, batch)
+    plane.store_result("apply", "t7", {"earlier": 7})  # computed by a delivery that died before acking
+    plane.enqueue(Task("apply", "t7", {"x": 7}))
+    plane.redis.xadd(plane.stream_key("apply"), {"task_id": "bad", "payload": "{not json"})
+    for x in (8, 9):
+        plane.enqueue(Task("apply", f"t{x}", {"x": x}))
+    # Four waiting, batch size 3: t7 (done), bad, t8 in the first poll; t8 alone is not a batch.
+    assert worker.poll_once(block_ms=100) == 3
+    assert batch == [] and calls == [8]
+    assert plane.result("apply", "t7") == {"earlier": 7}
+    assert b"JSONDecodeError" in plane.redis.xrange(plane.stream_key("dead"))[0][1][b"payload"]
+    assert worker.poll_once(block_ms=100) == 1 and calls == [8, 9]
+    assert plane.pending_count("apply", "student") == 0
+
+
+def test_a_batch_waits_briefly_for_tasks_enqueued_just_after_the_first(plane) -> None:
+    calls: list = []
+    batch: list = []
+    worker = _batch_worker(plane, calls, batch, batch_linger_s=2.0)
+    plane.enqueue(Task("apply", "t1", {"x": 1}))
+    later = threading.Timer(0.1, lambda: plane.enqueue(Task("apply", "t2", {"x": 2})))
+    later.start()
+    assert worker.poll_once(block_ms=100) == 2
+    later.join()
+    assert batch == [[1, 2]] and calls == []
+
+
+def test_batch_size_must_be_positive(plane) -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Worker(plane, "apply", "student", "w1", lambda p: {}, batch_size=0)
