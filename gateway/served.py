@@ -10,23 +10,29 @@ version's certificate (signature, the exact fingerprint, adapters and documents,
 files are fetched from a registered student and checked against their manifest digest. A version
 that fails any of this is never loaded. Expiry is not re-checked here: it gates promotion, and a
 served model does not stop answering the day its verdict would have expired.
+
+Two ways to serve a verified version: merged into a copy of the base model in this process
+(transformers, the default), or as one LoRA of a vLLM server (`VLLMLoras`, --serve-backend vllm).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway.deployments import ALIASES, DeploymentStore, certificate_problem, check_name
-from gateway.serving import Resolution, ServedModel
+from gateway.serving import Resolution, ServedModel, VLLMBackend
 from seal.errors import FailedPrecondition, NotFound
-from seal.models import merge_adapters
+from seal.models import merge_adapters, read_lora, stack_loras, write_lora
 from seal.records import AdapterRef, DeploymentVersion, VersionState
 from seal.signing import TrustedKeys, VerdictRejected
 
@@ -84,8 +90,94 @@ def verify_version(version: DeploymentVersion, keys: TrustedKeys) -> None:
         raise FailedPrecondition(f"{where} is not served: {exc}") from None
 
 
+class VLLMLoras:
+    """Deployment versions served as LoRAs of one vLLM server (seal.vllm_server.VLLMEngine).
+
+    A version is loaded at its first request (after verification: the caller's business) as ONE adapter
+    named v-<fingerprint[:16]>: its layers stacked into one exactly equivalent LoRA whose rank is the
+    sum of theirs (seal.models.stack_loras), written under `work_dir`. A version whose rank would pass
+    the server's max LoRA rank is refused (FailedPrecondition), never served as something else. The
+    last `cache_size` versions stay loaded; an older one is unloaded from the server (a request still
+    streaming from it then fails). Version 0 is the server's base model.
+    """
+
+    def __init__(
+        self, engine: Any, tokenizer: Any, work_dir: Path, max_rank: int = 64, cache_size: int = 3
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.work_dir = Path(work_dir)
+        self.max_rank = max_rank
+        self.cache_size = cache_size
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # fingerprint -> LoRA name, oldest first
+        self._lock = threading.Lock()
+        # Every model here shares the one tokenizer, so they share the lock that guards it.
+        self._tokenizer_lock = threading.Lock()
+
+    def base(self, name: str, fingerprint: str) -> ServedModel:
+        from seal.vllm_server import VLLM_BASE_NAME
+
+        return self._model(name, fingerprint, VLLM_BASE_NAME)
+
+    def served(
+        self, name: str, version: DeploymentVersion, adapter_dirs: Callable[[], list[Path]]
+    ) -> ServedModel:
+        """The (already verified) `version` as a LoRA of the server, loaded if it is not yet."""
+        if not version.layers:
+            return self.base(name, version.fingerprint)
+        with self._lock:
+            lora = self._loaded.get(version.fingerprint)
+            if lora is None:
+                lora = self._load(version, adapter_dirs())
+                self._loaded[version.fingerprint] = lora
+                while len(self._loaded) > self.cache_size:
+                    _, evicted = self._loaded.popitem(last=False)
+                    self.engine.unload_lora(evicted)
+                    shutil.rmtree(self.work_dir / evicted, ignore_errors=True)
+            self._loaded.move_to_end(version.fingerprint)
+        return self._model(name, version.fingerprint, lora)
+
+    def _load(self, version: DeploymentVersion, dirs: list[Path]) -> str:
+        where = f"{version.deployment}@{version.version}"
+        try:
+            config, tensors = stack_loras([read_lora(d) for d in dirs])
+        except ValueError as exc:
+            raise FailedPrecondition(f"{where} cannot be served by vLLM: {exc}") from None
+        if config["r"] > self.max_rank:
+            raise FailedPrecondition(
+                f"{where} cannot be served by vLLM: its {len(dirs)} layers stack into LoRA rank "
+                f"{config['r']}, more than the server's max LoRA rank {self.max_rank}; serve it with "
+                "--serve-backend transformers, or give vLLM a larger --max-lora-rank"
+            )
+        name = f"v-{version.fingerprint[:16]}"
+        staging = write_lora(self.work_dir / f".{name}-{uuid.uuid4().hex[:8]}", config, tensors)
+        target = self.work_dir / name
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        self.engine.load_lora(name, target)
+        log.info(
+            "version loaded into vLLM",
+            extra={"model": where, "lora": name, "rank": config["r"], "layers": len(dirs)},
+        )
+        return name
+
+    def _model(self, name: str, fingerprint: str, lora: str) -> ServedModel:
+        backend = VLLMBackend(self.engine, lora)
+        return ServedModel(
+            name, None, self.tokenizer, fingerprint, lock=self._tokenizer_lock, backend=backend
+        )
+
+    def close(self) -> None:
+        """Unload every version this gateway loaded (the server may be shared, or outlive us)."""
+        with self._lock:
+            for lora in self._loaded.values():
+                self.engine.unload_lora(lora)
+            self._loaded.clear()
+
+
 class DeploymentModels:
-    """A ModelResolver over the deployment registry (gateway.serving)."""
+    """A ModelResolver over the deployment registry (gateway.serving): versions merged into the base
+    model by transformers here (`base` loads it), or LoRAs of a vLLM server (`vllm`; `base` unused)."""
 
     def __init__(
         self,
@@ -94,9 +186,11 @@ class DeploymentModels:
         base: Callable[[], tuple[Any, Any]],
         fetch: Callable[[AdapterRef], Path],
         cache_size: int = 3,
+        vllm: VLLMLoras | None = None,
     ) -> None:
         self.deployments = deployments
         self.keys = keys
+        self.vllm = vllm
         self._base_loader = base
         self._base: tuple[Any, Any] | None = None
         self.fetch = fetch
@@ -115,6 +209,8 @@ class DeploymentModels:
 
     def resolve(self, name: str) -> Resolution:
         if name == BASE_MODEL:
+            if self.vllm is not None:
+                return Resolution(self.vllm.base(name, "base"))
             model, tokenizer = self._base_model()
             with self._lock:
                 lock = self._base_lock
@@ -160,11 +256,13 @@ class DeploymentModels:
         # Verified on every request, not only when loaded: the cache is keyed by the fingerprint, and
         # a record edited in Redis under the same fingerprint must not inherit a loaded model.
         verify_version(version, self.keys)
+        if self.vllm is not None:
+            return self.vllm.served(name, version, lambda: self._adapter_dirs(version))
         with self._lock:
             cached = self._models.get(version.fingerprint)
             if cached is None:
                 model, tokenizer = self._base_model()
-                dirs = [self.fetch(layer.adapter) for layer in version.layers if layer.adapter is not None]
+                dirs = self._adapter_dirs(version)
                 merged = merge_adapters(model, dirs) if dirs else model
                 # Version 0 is the base model object itself: it shares the base's generation lock.
                 cached = (merged, tokenizer, threading.Lock() if dirs else self._base_lock)
@@ -177,6 +275,9 @@ class DeploymentModels:
             self._models.move_to_end(version.fingerprint)
         merged, tokenizer, lock = cached
         return ServedModel(name, merged, tokenizer, version.fingerprint, lock=lock)
+
+    def _adapter_dirs(self, version: DeploymentVersion) -> list[Path]:
+        return [self.fetch(layer.adapter) for layer in version.layers if layer.adapter is not None]
 
     def _base_model(self) -> tuple[Any, Any]:
         if self._base is None:

@@ -15,11 +15,12 @@ from gateway.deployments import DeploymentStore
 from gateway.events import dead_letter_handler, event_handler
 from gateway.http import HttpLimits, build_app, start_http
 from gateway.jobs import JobStore
-from gateway.served import DeploymentModels
+from gateway.served import DeploymentModels, VLLMLoras
 from gateway.serving import serving_routes
 from seal import convert
 from seal.auditlog import AuditLog
 from seal.config import ServiceConfig
+from seal.models import resolve_model
 from seal.records import Job, JobSpec
 from seal.registry import StudentRegistry
 from seal.runtime import connect_plane, load_base_model, make_worker
@@ -151,6 +152,9 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         # A gRPC watcher holds a thread: room for every watcher, and unary calls still get 8.
         max_rpc_threads=config.max_watchers + 8,
     )
+    # Before anything starts: a vLLM server that cannot start fails the gateway, not its first request.
+    serve_vllm = bool(config.http_listen) and config.serve_backend == "vllm"
+    vllm = _vllm_loras(config, process) if serve_vllm else None
     process.start()
     probe = RedisProbe(_probe_client(config), on_change=_health_setter(process)).start()
     process.on_stop.append(probe.stop)
@@ -162,6 +166,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
             deployments,
             keys,
             base=lambda: load_base_model(config)[:2],
+            vllm=vllm,
             fetch=lambda adapter: fetch_registered(
                 StudentRegistry(plane),
                 adapter,
@@ -182,6 +187,30 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         http = start_http(app, config.http_listen, limits)
         process.on_stop.append(http.stop)
     return process
+
+
+def _vllm_loras(config: ServiceConfig, process: ServiceProcess) -> VLLMLoras:
+    """Versions served as LoRAs of a vLLM server: the one at --vllm-url, or one started here (and
+    stopped with the process); prompts are still rendered and tokenized by our own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from seal.vllm_server import engine_for
+
+    model_dir = resolve_model(config.model)
+    engine, stop_vllm = engine_for(config, model_dir)
+    loras = VLLMLoras(
+        engine,
+        AutoTokenizer.from_pretrained(model_dir),
+        config.data_dir / "served-loras",
+        max_rank=config.max_directive_rank,
+    )
+
+    def stop() -> None:
+        loras.close()
+        stop_vllm()
+
+    process.on_stop.append(stop)
+    return loras
 
 
 def _probe_client(config: ServiceConfig) -> redis.Redis:

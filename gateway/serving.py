@@ -12,13 +12,17 @@ the resolver's business (`ModelResolver`): the model registry resolves "faq", "f
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the client raises its
 BadRequestError (400), AuthenticationError (401), PermissionDeniedError (403) or NotFoundError (404).
-Generation runs in worker threads, one at a time per model (its lock); the event loop never waits on it.
+Generation runs in worker threads; the event loop never waits on it. Who generates is the served model's
+`backend`: transformers in this process (the default; one generation at a time per model, its lock),
+or a LoRA of a vLLM server (`VLLMBackend`, which batches concurrent requests itself). The routes, the
+request parsing, stop sequences, streaming and the answers' shape are the same for both.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -75,12 +79,14 @@ class ServedModel:
     id: str
     """The model name a client used ("faq", "faq@3", "faq:shadow"); answers report it as "model"."""
     model: Any
-    """A transformers causal LM in eval mode, adapters already merged."""
+    """A transformers causal LM in eval mode, adapters already merged (None with a VLLMBackend)."""
     tokenizer: Any
     fingerprint: str
     """Of the weights served (base model and adapter); answers report it as system_fingerprint."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    """Held while this model tokenizes or generates: one generation at a time per model."""
+    """Held while this model tokenizes, and while transformers generates: one generation at a time."""
+    backend: GenerationBackend = field(default_factory=lambda: TRANSFORMERS, repr=False, compare=False)
+    """What generates its answers."""
 
 
 @dataclass(frozen=True)
@@ -492,13 +498,95 @@ class Prepared:
     """A request tokenized for one model, checked against its context."""
 
     inputs: dict[str, Any]
-    """input_ids and attention_mask, on the model's device."""
+    """input_ids and attention_mask (tensors of one row, on the CPU)."""
     max_new_tokens: int
     sampling: Sampling
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [int(t) for t in self.inputs["input_ids"][0].tolist()]
+
+
+class GenerationBackend(Protocol):
+    """What produces a served model's answers (`ServedModel.backend`): TransformersBackend or VLLMBackend."""
+
+    def context_length(self, served: ServedModel) -> int | None:
+        """The most tokens prompt and answer may take together (None: not bounded here)."""
+        ...
+
+    def generate(
+        self,
+        served: ServedModel,
+        prepared: Prepared,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Generation:
+        """One answer (blocking). `on_text` gets its text piece by piece as it comes, stop sequences not
+        yet cut (the stream's StopCutter cuts them); `cancelled` stops generation early."""
+        ...
+
+
+class TransformersBackend:
+    """Generation by transformers in this process: `generate`, one answer at a time per model."""
+
+    def context_length(self, served: ServedModel) -> int | None:
+        return _context_length(served.model)
+
+    def generate(
+        self,
+        served: ServedModel,
+        prepared: Prepared,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Generation:
+        streamer = None if on_text is None else _text_streamer(served.tokenizer, on_text)
+        return generate(served, prepared, streamer, cancelled)
+
+
+TRANSFORMERS = TransformersBackend()
+
+
+@dataclass(frozen=True)
+class VLLMBackend:
+    """Generation by a vLLM server (a seal.vllm_server.VLLMEngine): its base model or one LoRA loaded
+    there, given our own token ids. No lock is held while it generates: vLLM batches what comes at once."""
+
+    engine: Any
+    lora: str
+    """The name the server serves this model under (seal.vllm_server.VLLM_BASE_NAME: the base)."""
+
+    def context_length(self, served: ServedModel) -> int | None:
+        return int(self.engine.max_model_len())
+
+    def generate(
+        self,
+        served: ServedModel,
+        prepared: Prepared,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Generation:
+        sampling = prepared.sampling
+        completion = self.engine.complete_one(
+            prepared.token_ids,
+            model=self.lora,
+            max_tokens=prepared.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            # vLLM takes a signed 64-bit seed; ours may be any integer.
+            seed=None if sampling.seed is None else sampling.seed & 0x7FFF_FFFF_FFFF_FFFF,
+            stop=sampling.stop,
+            on_text=on_text,
+            cancelled=None if cancelled is None else cancelled.is_set,
+        )
+        # vLLM stops at a stop sequence and leaves it out, as we do; cut again so both backends agree
+        # on what a stop is even where vLLM's detokenizer splits text differently.
+        text, stopped = cut_at_stop(completion.text, sampling.stop)
+        finish_reason = "stop" if stopped or completion.finish_reason != "length" else "length"
+        return Generation(text, finish_reason, prepared.prompt_tokens, completion.completion_tokens)
 
 
 def render(request: GenerationRequest, tokenizer: Any) -> tuple[str, bool]:
@@ -522,7 +610,7 @@ def prepare(served: ServedModel, request: GenerationRequest) -> Prepared:
     if prompt_tokens == 0:
         raise InvalidArgument(param, "is empty once tokenized; send some text")
     max_new_tokens = request.sampling.max_tokens
-    context = _context_length(served.model)
+    context = served.backend.context_length(served)
     if context is not None:
         if prompt_tokens >= context:
             raise ContextLengthExceeded(
@@ -531,8 +619,7 @@ def prepare(served: ServedModel, request: GenerationRequest) -> Prepared:
                 f"{prompt_tokens}, leaving none for the answer; shorten the {param}",
             )
         max_new_tokens = min(max_new_tokens, context - prompt_tokens)
-    inputs = {k: v.to(served.model.device) for k, v in inputs.items()}
-    return Prepared(inputs, max_new_tokens, request.sampling)
+    return Prepared(dict(inputs), max_new_tokens, request.sampling)
 
 
 def _context_length(model: Any) -> int | None:
@@ -547,8 +634,8 @@ def generate(
     streamer: Any = None,
     cancelled: threading.Event | None = None,
 ) -> Generation:
-    """Generate one answer (blocking; waits for the model's lock). `streamer` gets the tokens as they
-    come; `cancelled` stops generation early (the client went away)."""
+    """Generate one answer with transformers (blocking; waits for the model's lock). `streamer` gets the
+    tokens as they come; `cancelled` stops generation early (the client went away)."""
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -558,9 +645,10 @@ def generate(
         criteria.append(_StopOnText(tokenizer, prepared.prompt_tokens, sampling.stop))
     if cancelled is not None:
         criteria.append(_Cancelled(cancelled))
+    inputs = {k: v.to(served.model.device) for k, v in prepared.inputs.items()}
     with served.lock, torch.inference_mode():
         out = served.model.generate(
-            **prepared.inputs,
+            **inputs,
             max_new_tokens=prepared.max_new_tokens,
             # Sampling is done by our own processors with a generator of the request's own, so a seed
             # gives the same answer whatever else runs at the same time (torch's global RNG is shared).
@@ -577,6 +665,18 @@ def generate(
     hit_length = len(new_tokens) >= prepared.max_new_tokens
     finish_reason = "length" if hit_length and not (stopped or ended) else "stop"
     return Generation(text, finish_reason, prepared.prompt_tokens, len(new_tokens))
+
+
+def _text_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    """A transformers streamer that hands each piece of decoded answer text to `on_text`."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -671,7 +771,7 @@ class ShadowRunner:
         self, shadow: ServedModel, request: GenerationRequest, body: dict[str, Any], answer: str
     ) -> None:
         try:
-            shadow_answer = generate(shadow, prepare(shadow, request)).text
+            shadow_answer = shadow.backend.generate(shadow, prepare(shadow, request)).text
             self.resolver.log_shadow(request.model, body, answer, shadow_answer)
         except Exception:  # noqa: BLE001 - a shadow never fails the live request
             log.exception("shadow answer failed", extra={"model": request.model, "shadow": shadow.id})
@@ -728,7 +828,7 @@ def serving_routes(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        generation = await run_in_threadpool(generate, served, prepared)
+        generation = await run_in_threadpool(served.backend.generate, served, prepared)
         return JSONResponse(reply.complete(generation), background=BackgroundTask(after, generation.text))
 
     return [
@@ -747,18 +847,17 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """The answer as server-sent events while a thread generates it; the thread stops early if the
     client goes away."""
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
     cancelled = threading.Event()
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            outcome["generation"] = generate(served, prepared, streamer, cancelled)
+            outcome["generation"] = served.backend.generate(served, prepared, pieces.put, cancelled)
         except BaseException as exc:  # noqa: BLE001 - reported in the stream below
             outcome["error"] = exc
-            streamer.end()  # generate did not: let the reader stop waiting
+        finally:
+            pieces.put(None)  # no more text: the reader stops waiting
 
     thread = threading.Thread(target=work, name=f"generate-{served.id}", daemon=True)
     thread.start()
@@ -766,7 +865,7 @@ async def _stream(
         if request.chat:
             yield sse(reply.role_chunk())
         cutter, sent = StopCutter(prepared.sampling.stop), []
-        while (piece := await anyio.to_thread.run_sync(next, streamer, None)) is not None:
+        while (piece := await anyio.to_thread.run_sync(pieces.get)) is not None:
             if text := cutter.feed(piece):
                 sent.append(text)
                 yield sse(reply.chunk(text))

@@ -74,6 +74,10 @@ class ServiceConfig:
     answer_backend: str = "transformers"
     """Auditor: the engine that answers τ, sign-off and retention questions: transformers or vllm
     (base and adapters as LoRA requests of one vLLM server; the KL shift stays on transformers)."""
+    serve_backend: str = "transformers"
+    """Gateway: what generates the OpenAI-compatible API's answers: transformers (each version merged into
+    a copy of the base here) or vllm (each version one LoRA of a vLLM server, its layers stacked into one
+    of rank their sum, at most the server's max LoRA rank, max_directive_rank when the gateway starts it)."""
     audit_workers: int = 1
     """Auditor: audits run at once; with answer_backend=vllm, their questions batch together in vLLM."""
     vllm_url: str = ""
@@ -189,6 +193,8 @@ class ServiceConfig:
             raise ValueError(f"answer_prompt must be chat or reference, got {self.answer_prompt!r}")
         if self.answer_backend not in ("transformers", "vllm"):
             raise ValueError(f"answer_backend must be transformers or vllm, got {self.answer_backend!r}")
+        if self.serve_backend not in ("transformers", "vllm"):
+            raise ValueError(f"serve_backend must be transformers or vllm, got {self.serve_backend!r}")
         if self.audit_workers < 1:
             raise ValueError(f"audit_workers must be >= 1, got {self.audit_workers}")
         if self.train_batch < 1:

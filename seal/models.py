@@ -234,3 +234,107 @@ def merge_adapters(base_model: Any, adapter_dirs: Any) -> Any:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
     model.eval()
     return model
+
+
+# --- stacking LoRA adapters into one (for servers that apply one adapter per request) --------------
+
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+
+
+def stack_loras(layers: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One LoRA exactly equivalent to the `layers` (PEFT (adapter_config, tensors) pairs) merged one
+    after another, as merge_adapters merges them:
+
+        W + sum_k s_k B_k A_k  =  W + [s_1 B_1 ... s_n B_n] [A_1; ...; A_n]
+
+    so its rank is the sum of the ranks, A's stacked along the rank, each B scaled by its layer's
+    alpha/r (alpha/sqrt(r) with rsLoRA) and concatenated; alpha equals the new rank, so its own scale
+    is 1. It targets the union of the layers' modules; where a layer targets no module its rows are
+    zero, so it adds nothing there. Options with no such exact stacking (DoRA, biases, modules saved
+    whole, per-module ranks) are refused with ValueError.
+    """
+    import torch
+
+    if not layers:
+        raise ValueError("stack_loras needs at least one adapter")
+    for config, _ in layers:
+        _check_stackable(config)
+    modules = sorted({_lora_module(key)[0] for _, tensors in layers for key in tensors})
+    a_parts: dict[str, list[Any]] = {m: [] for m in modules}
+    b_parts: dict[str, list[Any]] = {m: [] for m in modules}
+    for config, tensors in layers:
+        rank = int(config["r"])
+        scale = float(config["lora_alpha"]) / (rank**0.5 if config.get("use_rslora") else rank)
+        for module in modules:
+            a, b = tensors.get(f"{module}.lora_A.weight"), tensors.get(f"{module}.lora_B.weight")
+            if a is None or b is None:
+                a_shape, b_shape = _lora_shapes(layers, module)
+                a, b = torch.zeros(rank, a_shape[1]), torch.zeros(b_shape[0], rank)
+            a_parts[module].append(a.float())
+            b_parts[module].append(b.float() * scale)
+    tensors_out: dict[str, Any] = {}
+    for module in modules:
+        tensors_out[f"{module}.lora_A.weight"] = torch.cat(a_parts[module], dim=0).contiguous()
+        tensors_out[f"{module}.lora_B.weight"] = torch.cat(b_parts[module], dim=1).contiguous()
+    rank = sum(int(config["r"]) for config, _ in layers)
+    targets = sorted({module.rsplit(".", 1)[-1] for module in modules})
+    config = {
+        **layers[0][0],
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "target_modules": targets,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return config, tensors_out
+
+
+def _check_stackable(config: dict[str, Any]) -> None:
+    problems = {
+        "use_dora": bool(config.get("use_dora")),
+        "bias": config.get("bias", "none") != "none",
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+    }
+    refused = [name for name, bad in problems.items() if bad]
+    if config.get("peft_type", "LORA") != "LORA" or refused:
+        raise ValueError(f"this adapter cannot be stacked exactly (its {', '.join(refused) or 'peft_type'})")
+
+
+def _lora_module(key: str) -> tuple[str, str]:
+    """("base_model.model....q_proj", "A") of a PEFT LoRA tensor name; ValueError for any other tensor."""
+    for part in ("A", "B"):
+        suffix = f".lora_{part}.weight"
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    raise ValueError(f"cannot stack the adapter tensor {key!r}: only LoRA A/B weights can be")
+
+
+def _lora_shapes(layers: Any, module: str) -> tuple[Any, Any]:
+    """The A and B shapes of `module` in the first layer that targets it (for another's zero rows)."""
+    for _, tensors in layers:
+        if f"{module}.lora_A.weight" in tensors:
+            return tensors[f"{module}.lora_A.weight"].shape, tensors[f"{module}.lora_B.weight"].shape
+    raise ValueError(f"no adapter has both LoRA weights of {module}")
+
+
+def read_lora(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter_config, tensors) of a PEFT LoRA directory."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / LORA_CONFIG).read_text())
+    return config, load_file(str(adapter_dir / LORA_WEIGHTS))
+
+
+def write_lora(out_dir: Path, config: dict[str, Any], tensors: dict[str, Any]) -> Path:
+    """A PEFT LoRA directory (adapter_config.json and safetensors weights) at `out_dir`."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / LORA_WEIGHTS))
+    (out_dir / LORA_CONFIG).write_text(json.dumps(config, indent=2))
+    return out_dir

@@ -230,6 +230,7 @@ class VLLMEngine:
         self._api_key = api_key
         self._timeout_s = timeout_s
         self._loaded: dict[str, str] = {}
+        self._max_model_len: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def load_lora(self, name: str, path: Path) -> str:
@@ -310,8 +311,92 @@ class VLLMEngine:
             )
         return texts
 
+    def complete_one(
+        self,
+        prompt: Sequence[int],
+        *,
+        model: str = "",
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Completion:
+        """One completion of a token-id prompt by `model` ("" is the base). With `on_text` it streams:
+        `on_text` gets each piece of text as it comes, and once `cancelled()` is true the request is
+        dropped (vLLM aborts it when the connection closes) and what came so far is returned."""
+        import openai
+
+        request: dict[str, Any] = dict(
+            model=model or self.model,
+            prompt=list(prompt),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop) or None,
+        )
+        try:
+            if on_text is None:
+                reply = self.client.completions.create(**request)
+                choice, usage = reply.choices[0], reply.usage
+                completion_tokens = usage.completion_tokens if usage is not None else 0
+                return Completion(choice.text, choice.finish_reason or "stop", completion_tokens)
+            return self._stream(request, on_text, cancelled or (lambda: False))
+        except openai.APIError as exc:
+            raise VLLMError(f"vLLM completion by {request['model']} failed: {exc}") from exc
+
+    def _stream(
+        self, request: dict[str, Any], on_text: Callable[[str], None], cancelled: Callable[[], bool]
+    ) -> Completion:
+        texts: list[str] = []
+        finish_reason, completion_tokens = "stop", 0
+        stream = self.client.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+        with stream:
+            for chunk in stream:
+                if cancelled():
+                    break
+                for choice in chunk.choices:
+                    if choice.text:
+                        texts.append(choice.text)
+                        on_text(choice.text)
+                    finish_reason = choice.finish_reason or finish_reason
+                if chunk.usage is not None:
+                    completion_tokens = chunk.usage.completion_tokens
+        return Completion("".join(texts), finish_reason, completion_tokens)
+
+    def max_model_len(self, model: str = "") -> int:
+        """The most tokens a prompt and its completion may take together on this server."""
+        name = model or self.model
+        with self._lock:
+            if name not in self._max_model_len:
+                import openai
+
+                try:
+                    cards = {card.id: card for card in self.client.models.list().data}
+                except openai.APIError as exc:
+                    raise VLLMError(f"vLLM at {self.base_url} did not list its models: {exc}") from exc
+                if name not in cards:
+                    raise VLLMError(f"vLLM at {self.base_url} serves no model {name!r}")
+                self._max_model_len[name] = int((cards[name].model_extra or {})["max_model_len"])
+            return self._max_model_len[name]
+
     def close(self) -> None:
         self.client.close()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One completion: its text (stop sequence left out), why it ended ("stop", "length") and its length
+    in tokens."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
 
 
 def serve_forever(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - a thin CLI
