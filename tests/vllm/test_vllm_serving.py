@@ -58,7 +58,7 @@ def random_adapter(model: Any, out: Path, seed: int, targets: list[str]) -> tupl
 
 
 @pytest.fixture(scope="module")
-def adapters(default_model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def adapters(vllm_target, default_model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = default_model[0]
     root = tmp_path_factory.mktemp("serving-adapters")
     built = [
@@ -103,7 +103,7 @@ def served_names(vllm_url: str, key: str) -> set[str]:
 
 
 def test_a_stacked_version_answers_through_vllm_as_through_transformers(
-    registry, adapters, default_model, loras: VLLMLoras, vllm_target, plane
+    vllm_target, registry, adapters, default_model, loras: VLLMLoras, plane
 ) -> None:
     _, deployments, _ = registry
     model, tokenizer, _, fp = default_model
@@ -157,7 +157,7 @@ def test_a_stacked_version_answers_through_vllm_as_through_transformers(
 
 
 def test_an_unverifiable_version_is_never_loaded_into_vllm(
-    registry, adapters, default_model, loras: VLLMLoras, vllm_target, plane
+    vllm_target, registry, adapters, default_model, loras: VLLMLoras, plane
 ) -> None:
     jobs, deployments, _ = registry
     version = promote(registry, [list(adapters)[1]], default_model[3])  # a version not loaded before
@@ -179,7 +179,7 @@ def test_an_unverifiable_version_is_never_loaded_into_vllm(
 
 
 def test_a_rank_past_the_servers_is_refused_and_old_versions_are_unloaded(
-    registry, adapters, default_model, vllm_engine, vllm_target, tmp_path: Path
+    vllm_target, vllm_engine, registry, adapters, default_model, tmp_path: Path
 ) -> None:
     _, deployments, _ = registry
     top = promote(registry, list(adapters), default_model[3])  # faq@1: one layer; faq@2: two
