@@ -24,11 +24,12 @@ from auditor.retention import (
     base_continuations,
     kl_shift,
     load_kl_prompts,
+    load_retention_set,
     retention_accuracy,
 )
 from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
-from seal.records import Document, QuestionScore, SelfEdit, Verdict
+from seal.records import QA, Document, QuestionScore, SelfEdit, Verdict
 
 
 class AdapterMismatchError(ValueError):
@@ -121,7 +122,9 @@ def audit(
             else []
         )
         retention_after = (
-            retention_accuracy(adapted, tokenizer, style=answer_style) if retention is not None else None
+            retention_accuracy(adapted, tokenizer, retention.questions, style=answer_style)
+            if retention is not None
+            else None
         )
         kl = (
             kl_shift(peft_model, tokenizer, retention.sequences)
@@ -220,6 +223,9 @@ class Retention:
     sequences: tuple[Continuation, ...]
     max_drop: float = MAX_RETENTION_DROP
     max_kl: float = MAX_KL
+    questions: tuple[QA, ...] | None = None
+    """The retention questions `baseline` was measured on, asked again after the update; None: the
+    whole retention set."""
 
 
 def base_retention(
@@ -229,14 +235,18 @@ def base_retention(
     max_drop: float = MAX_RETENTION_DROP,
     max_kl: float = MAX_KL,
     vllm_base: VLLMModel | None = None,
+    questions: int = 0,
 ) -> Retention:
     """The base model's side of the retention checks: computed once per auditor, then cached. With
-    `vllm_base` the retention questions are answered there (as the adapted model's will be)."""
+    `vllm_base` the retention questions are answered there (as the adapted model's will be).
+    `questions` > 0 keeps only the first that many of the retention set (cheaper, coarser)."""
+    asked = load_retention_set()[:questions] if questions > 0 else None
     return Retention(
-        baseline=retention_accuracy(vllm_base or base_model, tokenizer, style=answer_style),
+        baseline=retention_accuracy(vllm_base or base_model, tokenizer, asked, style=answer_style),
         sequences=tuple(base_continuations(base_model, tokenizer, load_kl_prompts())),
         max_drop=max_drop,
         max_kl=max_kl,
+        questions=asked,
     )
 
 

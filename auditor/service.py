@@ -85,6 +85,8 @@ class AuditorEngine:
     # Baseline answers depend only on the base model and the document: compute them once.
     _baselines: OrderedDict[str, list[QuestionScore]] = field(default_factory=OrderedDict)
     max_retention_drop: float = MAX_RETENTION_DROP
+    retention_questions: int = 0
+    """Retention questions each audit and certificate asks: the first N of the set; 0: all."""
     max_kl: float = MAX_KL
     _retention: Retention | None = None
     vllm: Any = None
@@ -203,6 +205,7 @@ class AuditorEngine:
                     self.max_retention_drop,
                     self.max_kl,
                     vllm_base=None if self.vllm is None else VLLMModel(self.vllm),
+                    questions=self.retention_questions,
                 )
         return self._retention
 
@@ -210,7 +213,7 @@ class AuditorEngine:
         retention = self._base_retention()
 
         def measure(model: Any) -> tuple[float, float]:
-            kept = retention_accuracy(model, self.tokenizer, style=self.answer_style)
+            kept = retention_accuracy(model, self.tokenizer, retention.questions, style=self.answer_style)
             return kept, kl_between(self.model, model, self.tokenizer, retention.sequences)
 
         return RetentionProbe(measure, retention.baseline, retention.max_drop, retention.max_kl)
@@ -336,6 +339,7 @@ def serve(config: ServiceConfig) -> ServiceProcess:
         judge=build_judge(config, judge_key, plane),
         answer_style=config.answer_prompt,
         max_retention_drop=config.max_retention_drop,
+        retention_questions=config.retention_questions,
         max_kl=config.max_kl,
         vllm=vllm,
     )

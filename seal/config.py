@@ -118,6 +118,9 @@ class ServiceConfig:
     max_retention_drop: float = 0.10
     """Auditor: how far an update may lower the base's accuracy on the retention set (0..1); the
     default is auditor.guardrails.MAX_RETENTION_DROP (a test keeps them equal)."""
+    retention_questions: int = 0
+    """Auditor: how many of the retention set's 104 questions each audit asks (the first N); 0: all.
+    Fewer is cheaper on a CPU and a coarser guardrail (one question is 1/N of the accuracy)."""
     max_kl: float = 0.05
     """Auditor: the largest mean per-token KL(base || adapted) on general prompts an update may cause
     (auditor.guardrails.MAX_KL)."""
@@ -197,6 +200,8 @@ class ServiceConfig:
             raise ValueError(f"serve_backend must be transformers or vllm, got {self.serve_backend!r}")
         if self.audit_workers < 1:
             raise ValueError(f"audit_workers must be >= 1, got {self.audit_workers}")
+        if self.retention_questions < 0:
+            raise ValueError(f"retention_questions must be >= 0, got {self.retention_questions}")
         if self.train_batch < 1:
             raise ValueError(f"train_batch must be >= 1, got {self.train_batch}")
         if self.compute_dtype not in ("float32", "bfloat16", "auto"):

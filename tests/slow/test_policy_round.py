@@ -1,6 +1,6 @@
 """One ReST-EM round on the real default model (SmolLM2-135M) through the four real services: the
 teacher samples, students train, the auditor scores, the teacher's policy is fine-tuned on the best
-self-edit of each context, and the new version then writes self-edits of its own.
+self-edit of each context, and the teacher then samples self-edits with the new version.
 
 Slow (a few minutes on 2 cores), but part of `make test`.
 """
@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gateway.api import parse_job_spec
@@ -19,6 +20,7 @@ from gateway.client import GatewayClient
 from seal.models import DEFAULT_MODEL
 from seal.records import Job, JobState
 from seal.stack import LocalStack
+from seal.v1 import teacher_pb2, teacher_pb2_grpc, types_pb2
 from tests.conftest import delete_namespace
 
 pytestmark = pytest.mark.slow
@@ -66,6 +68,8 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         data_dir=tmp_path_factory.mktemp("policy-round"),
         redis_url=redis_url,
         namespace=f"seal-slow-policy-{uuid.uuid4().hex[:8]}",
+        # The guardrail on 16 retention questions rather than 104: this test is about the round.
+        extra_flags={"auditor": ["--retention-questions", "16"]},
     ) as running:
         yield running
     delete_namespace(redis_url, running.namespace)
@@ -94,10 +98,14 @@ def test_one_round_trains_a_policy_version_that_then_writes_self_edits(
     assert version.examples == 2 and version.final_loss > 0 and version.base_fingerprint
     assert client.get_policy(version.version).training_data_sha256 == version.training_data_sha256
 
-    # The new version serves at once (no restart): it writes the self-edits of an ordinary job.
-    spec = parse_job_spec({**ROUND, "policy_training": None, "policy_version": version.version})
-    follow_up = _finished(client, client.submit(spec).id)
-    assert follow_up.state == JobState.SUCCEEDED, follow_up.error
-    edits = [e.self_edit for d in follow_up.documents for e in d.edits]
-    assert edits and all(e.policy_version == version.version for e in edits)
-    assert all(e.text.strip() for e in edits)
+    # The new version serves at once (no restart): the teacher samples with it when asked by name.
+    request = teacher_pb2.ProposeSelfEditsRequest(
+        passage=types_pb2.Passage(title=CONTEXTS[0]["title"], context=CONTEXTS[0]["context"]),
+        n=2,
+        sampling=types_pb2.SamplingSettings(max_new_tokens=32, temperature=1.0),
+        policy_version=version.version,
+    )
+    with grpc.insecure_channel(stack.addresses["teacher"]) as channel:
+        reply = teacher_pb2_grpc.TeacherStub(channel).ProposeSelfEdits(request, timeout=300)
+    assert len(reply.self_edits) == 2
+    assert all(e.policy_version == version.version and e.text.strip() for e in reply.self_edits)

@@ -418,3 +418,26 @@ def test_audit_in_the_reference_style_asks_the_reference_prompt(tiny_model, adap
     assert all(style == "reference" for _, style in asked)
     assert all(p.startswith("Let's answer a question directly") for prompts, _ in asked for p in prompts)
     assert all("\n" not in s.response for s in verdict.baseline_scores + verdict.adapted_scores)
+
+
+def test_an_auditor_asked_for_fewer_retention_questions_asks_the_same_ones_before_and_after(
+    tiny_model, adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import auditor.core
+    from auditor.retention import load_retention_set, retention_accuracy
+
+    asked: list[tuple[str, ...]] = []
+
+    def recording(model, tokenizer, questions=None, **kwargs):  # noqa: ANN001, ANN202
+        asked.append(tuple(qa.question for qa in (questions or load_retention_set())))
+        return retention_accuracy(model, tokenizer, questions, **kwargs)
+
+    monkeypatch.setattr(auditor.core, "retention_accuracy", recording)
+    model, tokenizer = tiny_model
+    first3 = tuple(qa.question for qa in load_retention_set()[:3])
+    retention = base_retention(model, tokenizer, questions=3)
+    assert retention.questions == load_retention_set()[:3] and asked == [first3]
+    _audit(model, tokenizer, adapter, retention=retention)
+    assert asked == [first3, first3]  # the adapted model is asked the very same three
+    assert base_retention(model, tokenizer).questions is None  # 0: the whole set
+    assert len(asked[-1]) == len(load_retention_set()) == 104
