@@ -81,8 +81,9 @@ class ServiceConfig:
     audit_workers: int = 1
     """Auditor: audits run at once; with answer_backend=vllm, their questions batch together in vLLM."""
     vllm_url: str = ""
-    """Teacher (backend=vllm) and auditor (answer_backend=vllm): base URL (…/v1) of a running vLLM
-    server of this same base model; empty: the service starts its own from vllm_python."""
+    """Teacher (backend=vllm), auditor (answer_backend=vllm) and gateway (serve_backend=vllm): base URL
+    (…/v1) of a running vLLM server of this same base model; empty: the service starts its own from
+    vllm_python."""
     vllm_python: str = ""
     """The interpreter of a vLLM environment (`make vllm-env` builds .venv-vllm); empty:
     SEAL_VLLM_PYTHON, else .venv-vllm/bin/python beside the code."""

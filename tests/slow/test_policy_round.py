@@ -50,11 +50,11 @@ CONTEXTS = [
     },
 ]
 ROUND = {
-    "documents": CONTEXTS,
+    "documents": CONTEXTS[:1],
     "n_self_edits": 2,
     "passage_control": False,
-    "lora": {"epochs": 3},
-    "sampling": {"max_new_tokens": 96},
+    "lora": {"epochs": 2},
+    "sampling": {"max_new_tokens": 64},
     # A threshold below every reward: the best of N is learnt even where nothing was gained, so the
     # test does not hang on what 2 samples of a 135M teacher happen to teach.
     "policy_training": {"rounds": 1, "reward_threshold": -1.0, "policy": {"epochs": 2}},
@@ -92,15 +92,15 @@ def test_one_round_trains_a_policy_version_that_then_writes_self_edits(
     job = _finished(client, client.submit(parse_job_spec(ROUND)).id)
     assert job.state == JobState.SUCCEEDED, job.error
     (only,) = job.rounds
-    assert only.contexts_done == 2 and only.mean_reward is not None and only.selected == 2
+    assert only.contexts_done == 1 and only.mean_reward is not None and only.selected == 1
     version = only.trained
     assert version is not None and job.policy_version == version.version
-    assert version.examples == 2 and version.final_loss > 0 and version.base_fingerprint
+    assert version.examples == 1 and version.final_loss > 0 and version.base_fingerprint
     assert client.get_policy(version.version).training_data_sha256 == version.training_data_sha256
 
     # The new version serves at once (no restart): the teacher samples with it when asked by name.
     request = teacher_pb2.ProposeSelfEditsRequest(
-        passage=types_pb2.Passage(title=CONTEXTS[0]["title"], context=CONTEXTS[0]["context"]),
+        passage=types_pb2.Passage(title=CONTEXTS[1]["title"], context=CONTEXTS[1]["context"]),
         n=2,
         sampling=types_pb2.SamplingSettings(max_new_tokens=32, temperature=1.0),
         policy_version=version.version,
