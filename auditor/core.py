@@ -148,6 +148,9 @@ def audit(
         max_retention_drop=retention.max_drop if retention is not None else 0.0,
         kl=kl,
         max_kl=retention.max_kl if retention is not None else 0.0,
+        retention_questions=(
+            len(retention.questions) if retention is not None and retention.questions is not None else None
+        ),
     )
     signoff_before = accuracy(signoff_baseline) if signoff_baseline else 0.0
     signoff_after = accuracy(signoff_scores) if signoff_scores else 0.0
@@ -240,7 +243,7 @@ def base_retention(
     """The base model's side of the retention checks: computed once per auditor, then cached. With
     `vllm_base` the retention questions are answered there (as the adapted model's will be).
     `questions` > 0 keeps only the first that many of the retention set (cheaper, coarser)."""
-    asked = load_retention_set()[:questions] if questions > 0 else None
+    asked = load_retention_set()[:questions] if questions > 0 else load_retention_set()
     return Retention(
         baseline=retention_accuracy(vllm_base or base_model, tokenizer, asked, style=answer_style),
         sequences=tuple(base_continuations(base_model, tokenizer, load_kl_prompts())),

@@ -84,9 +84,11 @@ def run_guardrails(
     max_retention_drop: float = MAX_RETENTION_DROP,
     kl: float | None = None,
     max_kl: float = MAX_KL,
+    retention_questions: int | None = None,
 ) -> list[CheckResult]:
     """Every applicable check: "tau_leak" always, "retention" when both retention accuracies are
-    given, "kl_shift" when the KL shift is."""
+    given, "kl_shift" when the KL shift is. `retention_questions`, when given, is how many retention
+    questions the accuracies were measured on; the detail says so."""
     results = [_tau_leak_check(self_edit_text, questions)]
     if retention_before is not None and retention_after is not None:
         passed = retention_kept(retention_before, retention_after, max_retention_drop)
@@ -94,6 +96,8 @@ def run_guardrails(
             f"retention accuracy {retention_before:.3f} -> {retention_after:.3f} "
             f"(drop {retention_before - retention_after:.3f}, max {max_retention_drop:.3f})"
         )
+        if retention_questions is not None:
+            detail += f" on {retention_questions} questions"
         results.append(CheckResult("retention", passed, detail))
     if kl is not None:
         detail = f"KL(base || adapted) {kl:.4f} nats per token (max {max_kl:.4f})"

@@ -285,6 +285,11 @@ def test_retention_check_fails_a_drop_beyond_the_bound_and_says_the_figures() ->
         "clean", _QUESTIONS, retention_before=0.9, retention_after=0.85, max_retention_drop=0.05
     )
     assert at_bound.passed  # exactly the bound passes, whatever float subtraction says
+    (_, coarse) = run_guardrails(
+        "clean", _QUESTIONS, retention_before=1.0, retention_after=0.75, retention_questions=32
+    )
+    # An auditor that asks part of the set says on how many questions its verdict rests.
+    assert coarse.detail == "retention accuracy 1.000 -> 0.750 (drop 0.250, max 0.100) on 32 questions"
 
 
 def test_kl_check_fails_a_shift_beyond_the_bound_and_says_the_figures() -> None:
