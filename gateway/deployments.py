@@ -17,6 +17,8 @@ Promotion, in order (each refusal is a PromotionRefused with its own code):
      learned is re-checked on its sign-off questions, and retention     (asynchronously, on seal:certify)
      on the merged model; a refusal there is recorded on the version:    failed_guardrail,
                                                                          knowledge_lost
+  7. production still is the version it was built on when it is certified  stale_parent
+     (two promotions from one parent: the first certified wins, the other must be promoted again)
 Redis keys (no TTL: the registry is permanent):
   deployments                       set of names
   deploy:<name>                     JSON {name, base_fingerprint, created_at}
@@ -70,6 +72,10 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 AuditHook = Callable[[str, str, str, dict[str, Any]], None]
 """(kind, actor, subject, body): where every registry change is written (the audit log)."""
+
+
+_FINISH_ATTEMPTS = 20
+"""Tries at finishing a version while other gateways write the same deployment's keys."""
 
 
 class PromotionRefused(Refused):
@@ -461,24 +467,44 @@ class DeploymentStore:
             finished_at=time.time(),
         )
         key = self._k("deploy", version.deployment, "versions")
-        with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(key)
-                current = pipe.hget(key, str(version.version))
-                if (
-                    current is None
-                    or from_json(DeploymentVersion, current).state is not VersionState.CERTIFYING
-                ):
-                    return None  # type: ignore[return-value]  # another gateway finished it first
-                pipe.multi()
-                pipe.hset(key, str(version.version), to_json(done))
-                if state is VersionState.PROMOTED:
-                    pipe.hset(
-                        self._k("deploy", version.deployment, "aliases"), version.alias, version.version
-                    )
-                pipe.execute()
-            except redis.WatchError:
-                return None  # type: ignore[return-value]
+        aliases = self._k("deploy", version.deployment, "aliases")
+        # Both keys are watched: a version or alias written by another gateway between the reads
+        # and the write makes the transaction fail, and the whole check runs again on fresh state.
+        for _ in range(_FINISH_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key, aliases)
+                    current = pipe.hget(key, str(version.version))
+                    if (
+                        current is None
+                        or from_json(DeploymentVersion, current).state is not VersionState.CERTIFYING
+                    ):
+                        return None  # type: ignore[return-value]  # another gateway finished it first
+                    production = pipe.hget(aliases, "production")
+                    if (
+                        state is VersionState.PROMOTED
+                        and production is not None
+                        and int(production) != version.parent
+                    ):
+                        # Two promotions built on the same production version: the second to be
+                        # certified would drop what the first added (its layers are parent + one).
+                        state, code = VersionState.REFUSED, "stale_parent"
+                        message = (
+                            f"production moved from version {version.parent} to {int(production)} "
+                            f"while version {version.version} was certifying: it would drop what "
+                            f"version {int(production)} holds; promote the adapter again to build on it"
+                        )
+                        done = dataclasses.replace(done, state=state, refusal_code=code, message=message)
+                    pipe.multi()
+                    pipe.hset(key, str(version.version), to_json(done))
+                    if state is VersionState.PROMOTED:
+                        pipe.hset(aliases, version.alias, version.version)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        else:
+            raise redis.WatchError(f"version {version.version} of {version.deployment}: registry busy")
         subject = f"deployment:{version.deployment}@{version.version}"
         body = {
             "state": state.value,

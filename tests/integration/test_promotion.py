@@ -385,6 +385,36 @@ def test_a_certificate_that_loses_earlier_knowledge_is_refused(
     assert deployments.certified(_cert(other, {job.id: 1.0, job4.id: 1.0})).refusal_code == "wrong_version"
 
 
+def test_of_two_promotions_from_one_version_the_second_certified_is_refused_not_lost(
+    registry, adapters, tiny_model_dir: Path
+) -> None:
+    """Both are built on production = v1; whichever is certified first serves, and the other would
+    drop what it added, so it is refused with its own code instead of silently replacing it."""
+    jobs, deployments, api, handle, log = registry
+    fp = _fingerprint(tiny_model_dir)
+    first, second = list(adapters)
+    job, edit, _ = _audited_job(jobs, handle, first, fp)
+    deployments.certified(_cert(api.promote("faq", job.id, edit.id), {job.id: 1.0}))
+    job_b, edit_b, _ = _audited_job(jobs, handle, second, fp, title="Eta")
+    # (certificates are signed by hand here, so the third adapter need not exist on disk)
+    job_c, edit_c, _ = _audited_job(jobs, handle, "e" * 64, fp, title="Theta")
+    v_b = api.promote("faq", job_b.id, edit_b.id)
+    v_c = api.promote("faq", job_c.id, edit_c.id)
+    assert (v_b.parent, v_c.parent) == (1, 1)
+    won = deployments.certified(_cert(v_c, {job.id: 1.0, job_c.id: 1.0}))
+    assert won.state is VersionState.PROMOTED and deployments.get("faq").alias("production") == v_c.version
+    lost = deployments.certified(_cert(v_b, {job.id: 1.0, job_b.id: 1.0}))
+    assert lost.state is VersionState.REFUSED and lost.refusal_code == "stale_parent"
+    assert f"production moved from version 1 to {v_c.version}" in lost.message
+    assert deployments.get("faq").alias("production") == v_c.version  # the winner still serves
+    assert deployments.version("faq", v_b.version).refusal_code == "stale_parent"
+    refusals = [e for e in log.entries() if e.kind == "promotion_refused"]
+    assert refusals[-1].body["code"] == "stale_parent" and log.verify().ok
+    # Promoted again, the adapter builds on the winner and keeps both documents.
+    again = api.promote("faq", job_b.id, edit_b.id)
+    assert again.parent == v_c.version and len(again.layers) == 3
+
+
 def _cert(version, accuracies: dict[str, float]):  # noqa: ANN001, ANN202
     from seal.records import Certificate, DocumentAccuracy
 
