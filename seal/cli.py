@@ -34,6 +34,10 @@ def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
     from seal.models import resolve_model
     from seal.stack import LocalStack
 
+    if args.retention_questions < 0:
+        raise SystemExit(f"--retention-questions must be >= 0 (0: all), got {args.retention_questions}")
+    if not 1 <= args.students <= 8:
+        raise SystemExit(f"--students must be between 1 and 8, got {args.students}")
     print(f"model: {args.model} (fetching and caching it on first use)", flush=True)
     resolve_model(args.model)  # once here, rather than three services at a time
     if args.teacher_model:
@@ -48,7 +52,9 @@ def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
         data_dir=Path(args.data_dir),
         redis_url=redis_url,
         threads=args.threads,
+        students=args.students,
         supervise=supervise,
+        extra_flags={"auditor": ["--retention-questions", str(args.retention_questions)]},
         # Mutual TLS between the services, with a CA and certificates made once under the data dir.
         tls_dir=Path(args.data_dir) / "tls",
     ).start()
@@ -405,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=".seal")
         p.add_argument("--redis-url", default="", help="use this Redis instead of an embedded one")
         p.add_argument("--threads", type=int, default=0, help="torch threads per model service")
+        # The demo asks a third of the retention set per audit, to stay within its time on a 2-core
+        # CPU: a coarser guardrail (one question is 1/32 of the accuracy); `seal up` asks all 104.
+        p.add_argument(
+            "--retention-questions",
+            type=int,
+            default=32 if name == "demo" else 0,
+            help="retention questions per audit, the first N of 104 (0: all)",
+        )
+        # Two students in the demo: its updates are the longest stage, one per passage, and on a
+        # 2-core CPU one student training alone left a core idle while the others waited for it.
+        p.add_argument(
+            "--students",
+            type=int,
+            default=2 if name == "demo" else 1,
+            help="student processes taking apply tasks side by side (each its own data dir)",
+        )
         p.set_defaults(func=func)
         # `seal up` serves on known ports (for `seal submit`); the demo takes free ones.
         p.add_argument(

@@ -34,6 +34,14 @@ METRICS_PORT = 9100
 """The port of a service whose host is not an address of this machine's network namespace."""
 
 
+def kind_of(name: str) -> str:
+    """The service kind of a stack process name ("student-2" is a student)."""
+    kind = name.split("-", 1)[0]
+    if kind not in SERVICE_KINDS:
+        raise ValueError(f"not a service process name: {name!r}")
+    return kind
+
+
 def default_threads() -> int:
     """torch threads per model service: three of them share this machine's cores. Oversubscribed
     OpenMP threads spin against each other; on 2 cores that made training 10x slower."""
@@ -91,6 +99,9 @@ class LocalStack:
     """Turn on mTLS between everything: a local CA and per-service certificates here (made once, kept)."""
     teacher_model: str = ""
     """The teacher's model when it differs from the student's and auditor's (`model`)."""
+    students: int = 1
+    """Student processes: "student", then "student-2", ... Each has its own data dir and identity and
+    takes apply tasks from the same consumer group, so updates train side by side."""
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     addresses: dict[str, str] = field(default_factory=dict, init=False)
@@ -107,6 +118,12 @@ class LocalStack:
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _supervisor: threading.Thread | None = field(default=None, init=False)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every service process by name: the four kinds, with the extra students after "student"."""
+        extra = tuple(f"student-{i}" for i in range(2, self.students + 1))
+        return ("teacher", "student", *extra, "auditor", "gateway")
+
     def start(self, timeout_s: float = 600.0) -> LocalStack:
         """Start Redis if needed and every service; return once all answer their health check."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +133,12 @@ class LocalStack:
                 f"the Redis at {self.redis_url} does not answer; start it, or leave it unset "
                 "for an embedded one"
             )
-        self.addresses = {kind: self._free_address(kind) for kind in SERVICE_KINDS}
-        self.metrics_addresses = {kind: self._free_address(kind, METRICS_PORT) for kind in SERVICE_KINDS}
+        if self.students < 1:
+            raise ValueError(f"students must be at least 1, got {self.students}")
+        self.addresses = {name: self._free_address(kind_of(name)) for name in self.names}
+        self.metrics_addresses = {
+            name: self._free_address(kind_of(name), METRICS_PORT) for name in self.names
+        }
         if self.gateway_listen:
             self.addresses["gateway"] = resolve_port(self.gateway_listen)
         self.http_address = resolve_port(self.http_listen) if self.http_listen else self._free_address("http")
@@ -130,11 +151,11 @@ class LocalStack:
             self.operator_token = self._make_api_token()
             if self.tls_dir is not None:
                 self.tls = make_local_pki(self.tls_dir, hosts=[*LOCAL_HOSTS, *self.hosts.values()])
-            for kind in SERVICE_KINDS:
-                self.processes[kind] = self._spawn(kind)
+            for name in self.names:
+                self.processes[name] = self._spawn(name)
             deadline = time.monotonic() + timeout_s
-            for kind in SERVICE_KINDS:
-                self._wait_healthy(kind, deadline)
+            for name in self.names:
+                self._wait_healthy(name, deadline)
         except BaseException:
             self.stop()
             raise
@@ -179,19 +200,20 @@ class LocalStack:
         self._taken.add((host, port))
         return f"{host}:{port}"
 
-    def _spawn(self, kind: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        kind = kind_of(name)
         flags = [
             "--listen",
-            self.addresses[kind],
+            self.addresses[name],
             "--namespace",
             self.namespace,
             "--model",
             (self.teacher_model or self.model) if kind == "teacher" else self.model,
             "--data-dir",
-            str(self.data_dir / kind),
+            str(self.data_dir / name),
         ]
         flags += ["--threads", str(self.threads or default_threads())]
-        flags += ["--metrics-listen", self.metrics_addresses[kind]]
+        flags += ["--metrics-listen", self.metrics_addresses[name]]
         if kind == "gateway":
             flags += ["--trusted-keys", str(self.trusted_keys_path()), "--http-listen", self.http_address]
             flags += ["--api-tokens", str(self.api_tokens_path())]
@@ -201,7 +223,7 @@ class LocalStack:
             flags += ["--tls-ca", str(self.tls[kind].ca), "--tls-cert", str(self.tls[kind].cert)]
             flags += ["--tls-key", str(self.tls[kind].key)]
         flags += self.extra_flags.get(kind, [])
-        log_file = open(self.log_path(kind), "ab")  # noqa: SIM115 - the child owns it
+        log_file = open(self.log_path(name), "ab")  # noqa: SIM115 - the child owns it
         # The Redis URL may carry a password: the environment keeps it out of `ps`.
         env = {**os.environ, "SEAL_REDIS_URL": self.redis_url, **self.extra_env}
         try:
@@ -220,13 +242,13 @@ class LocalStack:
     def log_path(self, kind: str) -> Path:
         return self.data_dir / "logs" / f"{kind}.log"
 
-    def _wait_healthy(self, kind: str, deadline: float) -> None:
-        with open_channel(self.addresses[kind], self.tls.get("client")) as channel:
+    def _wait_healthy(self, name: str, deadline: float) -> None:
+        with open_channel(self.addresses[name], self.tls.get("client")) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
-                if self.processes[kind].poll() is not None:
-                    tail = self.log_path(kind).read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{kind} exited with code {self.processes[kind].returncode}:\n{tail}")
+                if self.processes[name].poll() is not None:
+                    tail = self.log_path(name).read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{name} exited with code {self.processes[name].returncode}:\n{tail}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -234,7 +256,7 @@ class LocalStack:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{kind} did not become healthy; see {self.log_path(kind)}")
+                    raise TimeoutError(f"{name} did not become healthy; see {self.log_path(name)}")
                 time.sleep(0.3)
 
     # --- supervision --------------------------------------------------------------------------
@@ -250,7 +272,7 @@ class LocalStack:
         return 0 if tended is None else tended.restarts
 
     def _start_supervisor(self) -> None:
-        names = [*SERVICE_KINDS, *(["redis"] if self._redis is not None else [])]
+        names = [*self.names, *(["redis"] if self._redis is not None else [])]
         self._tended = {name: _Tended(self.restart_policy.first_delay_s) for name in names}
         self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
         self._supervisor.start()
@@ -259,11 +281,11 @@ class LocalStack:
         while not self._stopping.wait(0.25):
             if self._redis is not None:
                 self._tend("redis", self._redis.process, self._redis.restart)
-            for kind in SERVICE_KINDS:
-                self._tend(kind, self.processes[kind], functools.partial(self._respawn, kind))
+            for name in self.names:
+                self._tend(name, self.processes[name], functools.partial(self._respawn, name))
 
-    def _respawn(self, kind: str) -> None:
-        self.processes[kind] = self._spawn(kind)
+    def _respawn(self, name: str) -> None:
+        self.processes[name] = self._spawn(name)
 
     def _tend(self, name: str, proc: subprocess.Popen[bytes], restart: Callable[[], None]) -> None:
         """Restart `name` once its backoff has passed, if it died; reset the backoff once it is stable."""

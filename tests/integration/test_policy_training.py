@@ -73,6 +73,7 @@ def stack(
         redis_url=redis_url,
         namespace=f"seal-policy-{uuid.uuid4().hex[:8]}",
         threads=1,
+        students=2,  # two student processes share the apply stream
         supervise=True,
         restart_policy=RestartPolicy(first_delay_s=0.5),
         extra_flags={kind: ["--visibility-timeout-s", "8"] for kind in SERVICE_KINDS},
@@ -152,6 +153,21 @@ def test_two_rounds_each_train_a_version_and_round_two_samples_with_round_ones(
         assert summary.trained.examples == 2
         assert len(summary.trained.evidence) == 4  # the 2 runs of each selected self-edit
         assert all("@" in e for e in summary.trained.evidence)
+
+
+def test_two_students_share_the_updates_each_under_its_own_identity(stack, finished) -> None:
+    """Both take apply tasks from one consumer group; every adapter names the student that holds it."""
+    _, round_jobs = finished
+    runs = [r for job in round_jobs for d in job.documents for e in d.edits for r in e.runs()]
+    trained_by = {r.adapter.student_id for r in runs}
+    assert len(trained_by) == 2, trained_by
+    assert all((stack.data_dir / name / "adapters").is_dir() for name in ("student", "student-2"))
+    held = {
+        name: {p.name for p in (stack.data_dir / name / "adapters").iterdir()}
+        for name in ("student", "student-2")
+    }
+    assert {r.adapter.sha256 for r in runs} <= held["student"] | held["student-2"]
+    assert held["student"] and held["student-2"] and not held["student"] & held["student-2"]
 
 
 def test_policy_versions_are_listed_with_lineage_over_grpc_and_http(stack, client, finished) -> None:

@@ -224,3 +224,33 @@ def test_config_checks_run_on_direct_construction_too():
     with pytest.raises(ValueError, match="max_attempts"):
         ServiceConfig(kind="teacher", max_attempts=0)
     assert ServiceConfig(kind="teacher", data_dir="x").data_dir == Path("x")
+
+
+def test_the_demo_runs_two_students_and_a_third_of_the_retention_set(monkeypatch):
+    """`seal demo` keeps within its time on a 2-core CPU with two students and 32 retention questions
+    per audit; `seal up` runs one student and asks all 104; the flags reach the stack, and counts out
+    of range are refused."""
+    from seal import cli, stack
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo"]).retention_questions == 32
+    assert parser.parse_args(["up"]).retention_questions == 0
+    assert (parser.parse_args(["demo"]).students, parser.parse_args(["up"]).students) == (2, 1)
+    started: list[dict] = []
+
+    class Recording:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(stack, "LocalStack", Recording)
+    monkeypatch.setattr("seal.models.resolve_model", lambda name: Path("."))
+    cli._stack(parser.parse_args(["up", "--retention-questions", "8"]))
+    assert started[-1]["extra_flags"] == {"auditor": ["--retention-questions", "8"]}
+    assert started[-1]["students"] == 1
+    with pytest.raises(SystemExit, match="--students must be between 1 and 8"):
+        cli._stack(parser.parse_args(["up", "--students", "0"]))
+    with pytest.raises(SystemExit, match="--retention-questions must be >= 0"):
+        cli._stack(parser.parse_args(["demo", "--retention-questions", "-1"]))
