@@ -157,6 +157,18 @@ class VLLMServer:
         return f"http://{self.settings.host}:{self.port}/v1"
 
     def start(self, timeout_s: float = 600.0) -> VLLMServer:
+        """Launch the server and return once it answers its health check."""
+        self.launch()
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> VLLMServer:
+        """Start the server process and return at once (wait_ready() waits for it): its minute of
+        start-up can overlap other work."""
         why = vllm_unavailable(self.settings.python)
         if why:
             raise VLLMError(f"vLLM cannot start: {why}")
@@ -167,11 +179,6 @@ class VLLMServer:
         self.process = subprocess.Popen(
             command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        try:
-            self.wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -79,6 +79,48 @@ def delete_namespace(redis_url: str, namespace: str) -> int:
 # SEAL_TEST_VLLM_URL points them at a server already running (of the default model) instead.
 
 
+# The server is launched as soon as the session's tests are collected, and the tests that use it run
+# last, so its start-up (about a minute on 2 cores) overlaps the rest of the suite instead of
+# waiting in a fixture; idle, it used 1 CPU-second in 30 s here.
+_early: dict[str, tuple[VLLMServer, str]] = {}
+
+
+def _uses_vllm(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    dynamic = callspec is not None and "vllm_endpoint" in callspec.params.values()
+    return "vllm_target" in getattr(item, "fixturenames", ()) or dynamic
+
+
+def _new_server(log_file: Path) -> tuple[VLLMServer, str]:
+    key = f"sk-vllm-test-{os.urandom(8).hex()}"
+    settings = VLLMServerSettings(
+        resolve_model(DEFAULT_MODEL), served_name=VLLM_BASE_NAME, api_key=key, log_file=log_file
+    )
+    return VLLMServer(settings), key
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture parameters
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_uses_vllm)  # stable: the vLLM tests last, each group in its own order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if os.environ.get("SEAL_TEST_VLLM_URL") or not any(_uses_vllm(i) for i in session.items):
+        return
+    if vllm_unavailable(default_vllm_python()):
+        return  # the fixture skips, saying why
+    import tempfile
+
+    server, key = _new_server(Path(tempfile.mkdtemp(prefix="seal-vllm-")) / "server.log")
+    server.launch()
+    _early["server"] = (server, key)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if "server" in _early:  # never reached by a test (a failure, -x): still stop it
+        _early.pop("server")[0].stop()
+
+
 @pytest.fixture(scope="session")
 def vllm_target(tmp_path_factory: pytest.TempPathFactory):
     """(base URL …/v1, API key) of a vLLM server of the default model, serving it as "base"."""
@@ -89,16 +131,17 @@ def vllm_target(tmp_path_factory: pytest.TempPathFactory):
     why = vllm_unavailable(default_vllm_python())
     if why:
         pytest.skip(f"vLLM cannot run on this machine: {why}")
-    log_file = tmp_path_factory.mktemp("vllm") / "server.log"
-    key = f"sk-vllm-test-{os.urandom(8).hex()}"
-    model_dir = resolve_model(DEFAULT_MODEL)
-    server = VLLMServer(
-        VLLMServerSettings(model_dir, served_name=VLLM_BASE_NAME, api_key=key, log_file=log_file)
-    )
+    if "server" in _early:
+        server, key = _early.pop("server")
+    else:
+        server, key = _new_server(tmp_path_factory.mktemp("vllm") / "server.log")
+        server.launch()
+    log_file = server.settings.log_file
     try:
-        server.start(timeout_s=900)
+        server.wait_ready(timeout_s=900)
     except Exception as exc:  # the log says why; show its tail in the failure
-        tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
+        server.stop()
+        tail = log_file.read_text(errors="replace")[-3000:] if log_file and log_file.exists() else ""
         raise RuntimeError(f"{exc}\n--- vLLM log tail ---\n{tail}") from exc
     yield server.base_url, key
     server.stop()

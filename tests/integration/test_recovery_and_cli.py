@@ -47,7 +47,7 @@ def test_task_of_a_killed_student_is_reclaimed_and_the_job_completes(
                 "n_self_edits": 1,
                 "passage_control": False,
                 "sampling": {"max_new_tokens": 8},
-                "lora": {"epochs": 100, "rank": 4},  # long enough to be killed mid-training
+                "lora": {"epochs": 40, "rank": 4},  # long enough to be killed mid-training
                 "documents": [
                     {
                         "title": "Gamma",

@@ -52,6 +52,8 @@ CONTEXTS = [
 ROUND = {
     "documents": CONTEXTS[:1],
     "n_self_edits": 2,
+    # One teacher sample per self-edit (the default joins 3): this test is about the round, not the recipe.
+    "samples_per_edit": 1,
     "passage_control": False,
     "lora": {"epochs": 2},
     "sampling": {"max_new_tokens": 64},
