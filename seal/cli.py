@@ -54,7 +54,12 @@ def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
         threads=args.threads,
         students=args.students,
         supervise=supervise,
-        extra_flags={"auditor": ["--retention-questions", str(args.retention_questions)]},
+        # 0 passes nothing, so the auditor's own setting (SEAL_RETENTION_QUESTIONS, else all) holds.
+        extra_flags=(
+            {"auditor": ["--retention-questions", str(args.retention_questions)]}
+            if args.retention_questions
+            else {}
+        ),
         # Mutual TLS between the services, with a CA and certificates made once under the data dir.
         tls_dir=Path(args.data_dir) / "tls",
     ).start()

@@ -239,8 +239,8 @@ class LocalStack:
         finally:
             log_file.close()
 
-    def log_path(self, kind: str) -> Path:
-        return self.data_dir / "logs" / f"{kind}.log"
+    def log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
 
     def _wait_healthy(self, name: str, deadline: float) -> None:
         with open_channel(self.addresses[name], self.tls.get("client")) as channel:

@@ -250,6 +250,8 @@ def test_the_demo_runs_two_students_and_a_third_of_the_retention_set(monkeypatch
     cli._stack(parser.parse_args(["up", "--retention-questions", "8"]))
     assert started[-1]["extra_flags"] == {"auditor": ["--retention-questions", "8"]}
     assert started[-1]["students"] == 1
+    cli._stack(parser.parse_args(["up"]))  # 0 (all): nothing passed, the auditor's own setting holds
+    assert started[-1]["extra_flags"] == {}
     with pytest.raises(SystemExit, match="--students must be between 1 and 8"):
         cli._stack(parser.parse_args(["up", "--students", "0"]))
     with pytest.raises(SystemExit, match="--retention-questions must be >= 0"):
