@@ -488,11 +488,13 @@ class DeploymentStore:
                     ):
                         # Two promotions built on the same production version: the second to be
                         # certified would drop what the first added (its layers are parent + one).
+                        # A rollback meanwhile is refused the same way: N is not built on production.
                         state, code = VersionState.REFUSED, "stale_parent"
                         message = (
                             f"production moved from version {version.parent} to {int(production)} "
-                            f"while version {version.version} was certifying: it would drop what "
-                            f"version {int(production)} holds; promote the adapter again to build on it"
+                            f"while version {version.version} was certifying, and version "
+                            f"{version.version} is built on {version.parent}: promote the adapter "
+                            f"again to build on {int(production)}"
                         )
                         done = dataclasses.replace(done, state=state, refusal_code=code, message=message)
                     pipe.multi()
