@@ -32,12 +32,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _stack(args: argparse.Namespace, supervise: bool = False):  # noqa: ANN202
     from seal.models import resolve_model
-    from seal.stack import LocalStack
+    from seal.stack import MAX_STUDENTS, LocalStack
 
     if args.retention_questions < 0:
         raise SystemExit(f"--retention-questions must be >= 0 (0: all), got {args.retention_questions}")
-    if not 1 <= args.students <= 8:
-        raise SystemExit(f"--students must be between 1 and 8, got {args.students}")
+    if not 1 <= args.students <= MAX_STUDENTS:
+        raise SystemExit(f"--students must be between 1 and {MAX_STUDENTS}, got {args.students}")
     print(f"model: {args.model} (fetching and caching it on first use)", flush=True)
     resolve_model(args.model)  # once here, rather than three services at a time
     if args.teacher_model:

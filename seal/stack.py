@@ -75,6 +75,10 @@ class _Tended:
     restarts: int = 0
 
 
+# Students one LocalStack runs at most: each loads its own copy of the model on the same host.
+MAX_STUDENTS = 8
+
+
 @dataclass
 class LocalStack:
     model: str
@@ -126,6 +130,8 @@ class LocalStack:
 
     def start(self, timeout_s: float = 600.0) -> LocalStack:
         """Start Redis if needed and every service; return once all answer their health check."""
+        if not 1 <= self.students <= MAX_STUDENTS:
+            raise ValueError(f"students must be between 1 and {MAX_STUDENTS}, got {self.students}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         if self.redis_url and not redis_answers(self.redis_url):
@@ -133,8 +139,6 @@ class LocalStack:
                 f"the Redis at {self.redis_url} does not answer; start it, or leave it unset "
                 "for an embedded one"
             )
-        if self.students < 1:
-            raise ValueError(f"students must be at least 1, got {self.students}")
         self.addresses = {name: self._free_address(kind_of(name)) for name in self.names}
         self.metrics_addresses = {
             name: self._free_address(kind_of(name), METRICS_PORT) for name in self.names

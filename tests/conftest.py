@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,9 @@ def delete_namespace(redis_url: str, namespace: str) -> int:
 # last, so its start-up (about a minute on 2 cores) overlaps the rest of the suite instead of
 # waiting in a fixture; idle, it used 1 CPU-second in 30 s here.
 _early: dict[str, tuple[VLLMServer, str]] = {}
+# The early server's log folder (made before pytest's tmp_path exists): removed after a green session,
+# kept after a failure so its log can be read.
+_early_dirs: list[Path] = []
 
 
 def _uses_vllm(item: pytest.Item) -> bool:
@@ -111,7 +115,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return  # the fixture skips, saying why
     import tempfile
 
-    server, key = _new_server(Path(tempfile.mkdtemp(prefix="seal-vllm-")) / "server.log")
+    folder = Path(tempfile.mkdtemp(prefix="seal-vllm-"))
+    _early_dirs.append(folder)
+    server, key = _new_server(folder / "server.log")
     server.launch()
     _early["server"] = (server, key)
 
@@ -119,6 +125,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if "server" in _early:  # never reached by a test (a failure, -x): still stop it
         _early.pop("server")[0].stop()
+    for folder in _early_dirs:
+        if session.exitstatus == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"\nthe vLLM server's log is kept in {folder}")
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,16 @@ def test_a_configured_redis_that_does_not_answer_is_an_error(tmp_path: Path) -> 
     assert stack.processes == {}
 
 
+@pytest.mark.parametrize("students", [0, 9])
+def test_a_stack_of_too_many_or_no_students_is_refused_before_anything_starts(
+    tmp_path: Path, students
+) -> None:
+    stack = LocalStack(model="unused", data_dir=tmp_path / "stack", students=students)
+    with pytest.raises(ValueError, match=f"students must be between 1 and 8, got {students}"):
+        stack.start()
+    assert stack.processes == {} and not (tmp_path / "stack").exists()
+
+
 def test_auditor_baseline_cache_reuses_and_stays_bounded(
     tiny_model, tmp_path: Path, monkeypatch, plane
 ) -> None:
