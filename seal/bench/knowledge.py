@@ -109,6 +109,20 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# LoraSettings fields added after the first rows were written, with the value that switches each off:
+# off, they change nothing a row measured, so they stay out of the digest and those rows are reused.
+_LATER_LORA_FIELDS: dict[str, Any] = {"replay": 0, "kl_weight": 0.0}
+
+
+def lora_key(lora: LoraSettings) -> dict[str, Any]:
+    """The recipe as a row's digest sees it: every field, less the later ones left switched off."""
+    key = asdict(lora)
+    for name, off in _LATER_LORA_FIELDS.items():
+        if key.get(name) == off:
+            del key[name]
+    return key
+
+
 def condition_digest(cond: Condition, setup: Setup) -> str:
     """Everything that changes a row's result, so a changed recipe (or model) never reuses old rows."""
     data: dict[str, Any] = {
@@ -118,7 +132,7 @@ def condition_digest(cond: Condition, setup: Setup) -> str:
         "answer_tokens": setup.answer_tokens,
     }
     if cond.data != "none":
-        data["lora"] = asdict(cond.lora)
+        data["lora"] = lora_key(cond.lora)
     if cond.self_edits:
         data.update(source=cond.source, n=cond.n if cond.data == "all" else 1)
     if cond.source == TEACHER:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from seal.bench.knowledge import (
     default_data_dir,
     load_eval_items,
     load_training_items,
+    lora_key,
     plan_of,
 )
 from seal.cli import main
@@ -160,6 +161,16 @@ def test_a_changed_recipe_changes_the_digest_but_not_no_adaptation() -> None:
         assert plan_of(cond, setup).digest != plan_of(changed, setup).digest
     none = Condition("none", "none", "none")
     assert plan_of(none, setup).digest == plan_of(replace(none, lora=TINY_LORA), setup).digest
+
+
+def test_fields_added_to_the_recipe_later_change_the_digest_only_when_switched_on() -> None:
+    """Rows written before LoraSettings had replay and a KL penalty are reused while both are off."""
+    setup = Setup("student", "teacher")
+    cond = Condition("passage", "passage", "passage")
+    written_before = {k: v for k, v in asdict(cond.lora).items() if k not in ("replay", "kl_weight")}
+    assert lora_key(cond.lora) == written_before
+    for on in (replace(cond.lora, replay=8), replace(cond.lora, kl_weight=1.0)):
+        assert plan_of(replace(cond, lora=on), setup).digest != plan_of(cond, setup).digest
 
 
 # --- the engine on a tiny model: resume, cache, outputs -------------------------------------------------
