@@ -161,8 +161,8 @@ def render_deployment(d: Deployment) -> str:
         row = " ".join(f"{(f'{cells[(j, i)]:.0%}' if (j, i) in cells else '-'):>12}" for j, i, _ in docs)
         c = v.certificate
         tail = f"  {c.retention_accuracy:>8.0%} {c.kl_shift:>6.3f}" if c is not None and c.signature else ""
-        state = v.state.value + (f" ({v.refusal_code})" if v.refusal_code else "")
-        lines.append(f"{v.version:>7} {state[:10]:<10} {aliases.get(v.version, ''):<10} {row}{tail}")
+        # The state alone: a refusal's code and message follow the table in full.
+        lines.append(f"{v.version:>7} {v.state.value:<10} {aliases.get(v.version, ''):<10} {row}{tail}")
     refused = [v for v in d.versions if v.refusal_code]
     lines += [f"version {v.version} refused: {v.refusal_code}: {v.message}" for v in refused]
     return "\n".join(lines)

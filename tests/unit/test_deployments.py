@@ -171,6 +171,13 @@ def test_the_matrix_shows_each_versions_accuracy_on_every_document_learned() -> 
     text = render_deployment(deployment)
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     assert "production" in row and "50%" in row and "90%" in row
+    refused = dataclasses.replace(
+        v1, version=2, state=VersionState.REFUSED, refusal_code="failed_guardrail", message="retention:fail"
+    )
+    text = render_deployment(dataclasses.replace(deployment, versions=(*deployment.versions, refused)))
+    row = next(line for line in text.splitlines() if line.strip().startswith("2 "))
+    assert row.split()[1] == "refused" and "(f" not in row  # the state, never a truncated code
+    assert text.splitlines()[-1] == "version 2 refused: failed_guardrail: retention:fail"
 
 
 def test_the_auditors_configured_limits_default_to_the_guardrails_constants() -> None:
