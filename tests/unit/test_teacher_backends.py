@@ -119,8 +119,10 @@ PROMPT = "Passage: The fox."
 # A completion the random tiny model would never write, learnt hard so greedy decoding shows it. The
 # tiny model's logits are small (random 64-wide embeddings), so its loss stays high; the argmax is
 # what moves: these settings make greedy decoding start with the completion's first token ("Zor").
+# The random model follows the installed packages: with those of 2026-11-26 (transformers 5.24) 0.1
+# overshot, and greedy decoding started with the end-of-turn token the completion ends with.
 DISTINCTIVE = "Zorbian council Velmora"
-TRAIN = PolicySettings(rank=8, alpha=16.0, learning_rate=0.1, epochs=20, batch_size=1, max_seq_len=128)
+TRAIN = PolicySettings(rank=8, alpha=16.0, learning_rate=0.05, epochs=20, batch_size=1, max_seq_len=128)
 
 
 def _train_and_save(model, tokenizer, store: PolicyStore, completion: str = DISTINCTIVE) -> str:
