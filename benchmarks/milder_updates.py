@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/milder_updates.jsonl"))
     args = parser.parse_args()
 
+    # A passage cached twice (an earlier samples-per-edit setting) keeps its last row: the self-edit the
+    # retention study's table uses (demo:0 has 5 texts there, not the older 19).
     texts = {row["passage"]: row["texts"] for row in map(json.loads, args.edits.read_text().splitlines())}
     done = set()
     if args.out.exists():
