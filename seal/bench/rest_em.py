@@ -37,7 +37,7 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "n_self_edits": args.n,
         "seeds": args.seeds,
         "passage_control": False,
-        "lora": to_dict(LoraSettings()),
+        "lora": to_dict(LoraSettings(epochs=args.epochs) if args.epochs else LoraSettings()),
         "sampling": to_dict(SamplingSettings(max_new_tokens=args.max_new_tokens)),
         "policy_training": to_dict(training),
     }
@@ -113,6 +113,9 @@ def add_rest_em_command(sub: Any, default_data: Path) -> None:
     p.add_argument("--policy-epochs", type=int, default=2)
     p.add_argument("--restart-from-base", action="store_true", help="each M-step starts from the base policy")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per self-edit")
+    p.add_argument(
+        "--epochs", type=int, default=0, help="inner-loop epochs (0: the default recipe's; the table runs 5)"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", type=Path, default=default_data)
     p.add_argument("--out", default="bench-out/rest-em")

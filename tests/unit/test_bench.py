@@ -309,3 +309,50 @@ def test_real_files_split_disjoint_and_released_completions_load() -> None:
     assert train and not {(i.doc.title, i.doc.context) for i in train} & held_out
     assert len(train) + len(held_out) == len(json.loads((data / "squad_val.json").read_text()))
     assert isinstance(train[0], Item)
+
+
+def _rest_em_args(data_dir: Path, **over: object):
+    import argparse
+
+    from seal.bench.rest_em import add_rest_em_command
+
+    parser = argparse.ArgumentParser()
+    add_rest_em_command(parser.add_subparsers(), data_dir)
+    flags = ["rest-em", "--contexts", "2", "--skip", "1", "--data", str(data_dir)]
+    for name, value in over.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return parser.parse_args(flags)
+
+
+def test_rest_em_job_trains_its_updates_with_the_epochs_asked_for(data_dir: Path) -> None:
+    from seal.bench.rest_em import job_from_args
+
+    default = job_from_args(_rest_em_args(data_dir))
+    assert default["lora"]["epochs"] == LoraSettings().epochs
+    five = job_from_args(_rest_em_args(data_dir, epochs=5))
+    assert five["lora"]["epochs"] == 5
+    # The contexts are training passages after the skipped ones, never evaluation passages.
+    assert [d["title"] for d in five["documents"]] == [
+        item.doc.title for item in load_training_items(data_dir, 3)[1:]
+    ]
+
+
+def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rest_em_one_host.py"
+    spec = importlib.util.spec_from_file_location("rest_em_one_host", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        {"context": 7, "sample": 0, "reward": 0.2},
+        {"context": 7, "sample": 1, "reward": 0.4},
+        {"context": 7, "sample": 2, "reward": 0.4},  # a tie: the lower sample wins
+        {"context": 9, "sample": 0, "reward": 0.0},  # nothing taught: not learnt from
+        {"context": 11, "sample": 0, "reward": -0.2},
+        {"context": 11, "sample": 1, "reward": 0.2},
+    ]
+    chosen = module.select_best(rows, threshold=0.0)
+    assert [(r["context"], r["sample"]) for r in chosen] == [(7, 1), (11, 1)]
+    assert [r["context"] for r in module.select_best(rows, threshold=-1.0)] == [7, 9, 11]
