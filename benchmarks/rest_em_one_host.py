@@ -12,8 +12,8 @@ package index), this runs the same pieces in one process, round by round:
 - selection: per context the best self-edit if its reward exceeds the threshold (the services'
   `best_of_n` rule, `gateway.rounds.select_examples`);
 - M-step: `teacher.policy.train_policy` (SFT on prompt -> chosen), continuing from the last round.
-Rewards are unsigned here (no auditor service) and the updates train in bf16 on CUDA: rows of this
-script are for the policy, not for a promotion. One row per self-edit is appended to
+Rewards are unsigned here (no auditor service; the single trainer runs fp32, the batched one bf16 on
+CUDA): rows of this script are for the policy, not for a promotion. One row per self-edit is appended to
 <out>/round<r>.jsonl as its chunk lands, and a rerun skips the contexts already there; each round's
 policy is saved to <out>/round<r>-policy/ (bf16 weights, so it travels), with <out>/round<r>.json
 (its examples, their digest, mean reward, timings).
