@@ -510,13 +510,26 @@ class Bench:
         return [report.summarize(rows, plan_of(c, self.setup)) for c in conditions]
 
     def table(self, conditions: Sequence[Condition]) -> str:
-        return report.markdown_table(self.summaries(conditions), self.title, self.notes)
+        return self._table(self.summaries(conditions))
+
+    def paired(self, summaries: Sequence[report.ConditionSummary]) -> list[report.PairedDifference]:
+        """Each later teacher round against the first (the untrained teacher), when the run has both."""
+        by_name = {s.name: s for s in summaries}
+        rounds = [by_name[n] for n in self.rounds if n in by_name]
+        if len(rounds) < 2:
+            return []
+        return [report.paired_difference(r, rounds[0]) for r in rounds[1:]]
+
+    def _table(self, summaries: Sequence[report.ConditionSummary]) -> str:
+        text = report.markdown_table(summaries, self.title, self.notes)
+        if paired := self.paired(summaries):
+            baseline = next(s.label for s in summaries if s.name == paired[0].against)
+            text += "\n" + report.paired_table(paired, baseline)
+        return text
 
     def write_outputs(self, conditions: Sequence[Condition]) -> None:
         summaries = self.summaries(conditions)
-        report.write_text_atomic(
-            self.out / "table.md", report.markdown_table(summaries, self.title, self.notes)
-        )
+        report.write_text_atomic(self.out / "table.md", self._table(summaries))
         report.write_plot(summaries, self.out / "accuracy.png", self.title, self.rounds)
         report.write_json(
             self.out / "summary.json",
@@ -529,6 +542,7 @@ class Bench:
                     for c, s in zip(conditions, summaries, strict=True)
                 ],
                 "multidoc": [report.summary_dict(s) for s in self.multidoc],
+                "paired": [asdict(d) for d in self.paired(summaries)],
                 **self.extra,
                 "written_at": time.time(),
             },

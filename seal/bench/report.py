@@ -150,6 +150,27 @@ def summarize_multidoc(row: dict[str, Any], name: str, label: str) -> ConditionS
     )
 
 
+@dataclass
+class PairedDifference:
+    """A row against a baseline row on the passages both finished: the mean of per-passage differences."""
+
+    name: str
+    label: str
+    against: str
+    passages: int
+    difference: float
+    bootstrap_95: tuple[float, float]
+
+
+def paired_difference(row: ConditionSummary, baseline: ConditionSummary) -> PairedDifference:
+    """Paired over passages, so passage difficulty (the largest spread here) cancels out of the interval."""
+    shared = sorted(set(row.per_passage) & set(baseline.per_passage))
+    diffs = [row.per_passage[p] - baseline.per_passage[p] for p in shared]
+    return PairedDifference(
+        row.name, row.label, baseline.name, len(diffs), mean(diffs), bootstrap_interval(diffs)
+    )
+
+
 # --- rendering ---------------------------------------------------------------------------------------
 
 
@@ -180,6 +201,20 @@ def markdown_table(summaries: Sequence[ConditionSummary], title: str, notes: Seq
             f"| {s.passages} | {s.samples_per_passage} | {_number(s.edit_chars)} | {_number(s.edit_lines, 1)} "
             f"| {_number(s.seconds_per_passage, 1)} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(diffs: Sequence[PairedDifference], baseline_label: str) -> str:
+    """The teacher's rounds against its untrained self, paired by passage."""
+    lines = [
+        f"### Against {baseline_label}, paired by passage",
+        "",
+        "| condition | difference (points) | 95 % CI (bootstrap, paired) | passages |",
+        "|---|---|---|---|",
+    ]
+    for d in diffs:
+        diff = "–" if math.isnan(d.difference) else f"{100 * d.difference:+.1f}"
+        lines.append(f"| {d.label} | {diff} | {_interval(d.bootstrap_95)} | {d.passages} |")
     return "\n".join(lines) + "\n"
 
 

@@ -131,6 +131,27 @@ def test_markdown_table_names_its_intervals_and_rows() -> None:
     assert "mean ± 1.96·sd/√n" in text and "seed 0" in text and "a note" in text
 
 
+def test_a_round_against_the_untrained_teacher_is_paired_by_passage(tmp_path: Path) -> None:
+    untrained = [_row("teacher", "d", p, 0, a) for p, a in enumerate([0.0, 0.2, 0.6, 0.4])]
+    trained = [_row("policy-r1", "d", p, 0, a) for p, a in enumerate([0.2, 0.4, 0.8])]  # passage 3 not in
+    base = report.summarize(untrained, report.Plan("teacher", "ours (untrained)", "d", 1, True))
+    r1 = report.summarize(trained, report.Plan("policy-r1", "ours, round 1", "d", 1, True))
+    d = report.paired_difference(r1, base)
+    # Three shared passages, each +0.2: the difference is exact and the paired interval has no width,
+    # while the unpaired intervals of the two rows overlap widely.
+    assert (d.passages, d.against) == (3, "teacher")
+    assert math.isclose(d.difference, 0.2)
+    assert all(math.isclose(b, 0.2) for b in d.bootstrap_95)
+    assert r1.bootstrap_95[0] < base.bootstrap_95[1]
+    text = report.paired_table([d], base.label)
+    assert "### Against ours (untrained), paired by passage" in text
+    assert "| ours, round 1 | +20.0 | 20.0–20.0 | 3 |" in text
+    # The bench's table carries it when the run has the untrained teacher and a later round.
+    bench = Bench(tmp_path, Setup("m", "m"), Student(None, None), None, rounds=["teacher", "policy-r1"])
+    assert "paired by passage" in bench._table([base, r1])
+    assert "paired by passage" not in bench._table([base])
+
+
 def test_plot_is_a_png(tmp_path: Path) -> None:
     rows = [_row(name, "d", p, 0, a) for name in ("teacher", "policy-r1") for p, a in enumerate([0.2, 0.6])]
     summaries = [report.summarize(rows, report.Plan(n, n, "d", 1, True)) for n in ("teacher", "policy-r1")]
