@@ -29,7 +29,11 @@ from auditor.retention import (
 )
 from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
-from seal.records import QA, Document, QuestionScore, SelfEdit, Verdict
+from seal.records import FORGETTING_UNCHECKED, QA, Document, QuestionScore, SelfEdit, Verdict
+
+REWARD_ONLY_DETAIL = (
+    "reward-only audit of a policy-training round: retention and KL were not measured; never promotable"
+)
 
 
 class AdapterMismatchError(ValueError):
@@ -68,6 +72,7 @@ def audit(
     answer_style: str = "chat",
     vllm_base: VLLMModel | None = None,
     model_lock: contextlib.AbstractContextManager[Any] | None = None,
+    reward_only: bool = False,
 ) -> Verdict:
     """Evaluate `doc`'s τ before and after the adapter; an unsigned verdict of reward and checks.
 
@@ -78,7 +83,11 @@ def audit(
     vLLM server), every question is answered there, the adapter loaded into the engine for the
     purpose; only the KL shift, which needs full distributions, still runs on `base_model`, under
     `model_lock` (the caller's lock on `base_model`, so that several audits can answer at once).
+    `reward_only` (a policy-training round's E-step, which needs τ alone): pass no `retention`; the
+    verdict carries a failed FORGETTING_UNCHECKED check, so it can never be promoted.
     """
+    if reward_only and retention is not None:
+        raise ValueError("a reward-only audit measures no retention: pass retention=None")
     model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
     check_grading_metric(metric, judge is not None)
     started = time.perf_counter()
@@ -156,6 +165,9 @@ def audit(
     signoff_after = accuracy(signoff_scores) if signoff_scores else 0.0
     if doc.signoff_questions:
         checks.append(signoff_check(signoff_before, signoff_after, len(doc.signoff_questions)))
+    if reward_only:
+        # A failed check, not a missing one: everything that reads verdicts already refuses it.
+        checks.append(CheckResult(FORGETTING_UNCHECKED, False, REWARD_ONLY_DETAIL))
     baseline_acc = accuracy(baseline_scores)
     adapted_acc = accuracy(adapted_scores)
     gain = reward(baseline_acc, adapted_acc)

@@ -100,8 +100,9 @@ class AuditorEngine:
         """What answers questions: the transformers model, or its twin on vLLM."""
         return self.model if self.vllm is None else VLLMModel(self.vllm)
 
-    def audit(self, self_edit: SelfEdit, adapter: AdapterRef) -> Verdict:
-        """Score `adapter` on the questions the gateway registered for the self-edit's job and sign it."""
+    def audit(self, self_edit: SelfEdit, adapter: AdapterRef, reward_only: bool = False) -> Verdict:
+        """Score `adapter` on the questions the gateway registered for the self-edit's job and sign it;
+        `reward_only` skips the forgetting guardrails (a policy-training round's E-step)."""
         doc = load_document(self.plane, self_edit.job_id, self_edit.doc_index)
         validate_document(doc, self.limits, "document")
         if adapter.base_fingerprint != self.base_fingerprint:
@@ -134,7 +135,7 @@ class AuditorEngine:
                 if doc.signoff_questions
                 else None
             )
-            retention = self._base_retention()
+            retention = None if reward_only else self._base_retention()
         with self.lock if self.vllm is None else contextlib.nullcontext():
             verdict = audit(
                 self.model,
@@ -153,6 +154,7 @@ class AuditorEngine:
                 answer_style=self.answer_style,
                 vllm_base=None if self.vllm is None else VLLMModel(self.vllm),
                 model_lock=self.lock if self.vllm is not None else None,
+                reward_only=reward_only,
             )
             prune_adapters(self.adapters_root, self.retention)  # copies: the student keeps the original
         return self.signer.sign(verdict, ttl_s=self.verdict_ttl_s)
@@ -268,7 +270,7 @@ def audit_handler(engine: AuditorEngine) -> Callable[[dict[str, Any]], dict[str,
         task = decode(AuditTask, payload)
         if task.self_edit is None or task.adapter is None:
             raise InvalidArgument("payload", "an audit task needs its self_edit and adapter")
-        verdict = engine.audit(task.self_edit, task.adapter)
+        verdict = engine.audit(task.self_edit, task.adapter, reward_only=task.reward_only)
         metrics.verdict_signed(verdict.passed)
         return encode(AuditResult(verdict=verdict))
 

@@ -46,6 +46,7 @@ from gateway.jobs import JobStore
 from seal.digests import document_sha256
 from seal.errors import FailedPrecondition, InvalidArgument, NotFound, Refused
 from seal.records import (
+    FORGETTING_UNCHECKED,
     Alias,
     Approval,
     Certificate,
@@ -300,6 +301,12 @@ class DeploymentStore:
         except NotRecordedYet as exc:
             raise PromotionRefused("no_verdict", str(exc)) from None
         failed = [c for c in verdict.checks if ":fail" in c]
+        if FORGETTING_UNCHECKED in verdict.failed_checks():
+            raise PromotionRefused(
+                "failed_guardrail",
+                f"the verdict of self-edit {self_edit_id} is a policy-training round's reward-only audit: "
+                "retention and KL were never measured; promote an adapter of an ordinary job",
+            )
         if not verdict.passed or failed:
             why = "; ".join(failed) if failed else f"reward {verdict.reward:+.3f} is not above 0"
             raise PromotionRefused("failed_guardrail", f"the verdict did not pass: {why}")

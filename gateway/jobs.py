@@ -150,6 +150,8 @@ class JobStore:
                 teacher_model=spec.teacher_model,
                 seeds=spec.seeds,
                 samples_per_edit=spec.samples_per_edit,
+                # A round's adapters are scored for the policy, never promoted (gateway.rounds).
+                reward_only=bool(spec.parent_job_id),
             )
             self.plane.enqueue(Task("propose", f"{job_id}/{doc_index}", encode(task)), pipeline=pipe)
 

@@ -273,7 +273,10 @@ def _signoff(edit: Any) -> str:
 def _guardrails(edit: Any) -> str:
     if edit is None:
         return "-"
-    return ", ".join(f"{name} failed" for name in edit.verdict.failed_checks()) or "pass"
+    from seal.records import FORGETTING_UNCHECKED
+
+    said = {FORGETTING_UNCHECKED: "reward only (no retention/KL)"}
+    return ", ".join(said.get(name, f"{name} failed") for name in edit.verdict.failed_checks()) or "pass"
 
 
 def _pct(value: float | None) -> str:

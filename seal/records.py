@@ -222,6 +222,9 @@ class ProposeTask:
     seeds: int = 1
     # Samples joined into each self-edit; 0 is read as 1.
     samples_per_edit: int = 1
+    # A policy-training round's E-step: the audits measure the reward and skip the forgetting
+    # guardrails; their verdicts say so and are never promoted.
+    reward_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -462,6 +465,7 @@ class ApplyTask:
     self_edit: SelfEdit | None = None
     # Which training run of the self-edit: the LoRA seed is lora.seed + run.
     run: int = 0
+    reward_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -469,11 +473,16 @@ class ApplyResult:
     adapter: AdapterRef | None = None
 
 
+# The check a reward-only verdict fails (a policy-training round's E-step skips retention and KL).
+FORGETTING_UNCHECKED = "forgetting_unchecked"
+
+
 @dataclass(frozen=True)
 class AuditTask:
     self_edit: SelfEdit | None = None
     adapter: AdapterRef | None = None
     run: int = 0
+    reward_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,11 @@ def apply_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[Tas
     # The event first: the gateway must know the adapter before the auditor's verdict names it.
     return [
         Task("events", f"trained/{run_id}", encode(event)),
-        Task("audit", run_id, encode(AuditTask(self_edit=se, adapter=adapter, run=task.run))),
+        Task(
+            "audit",
+            run_id,
+            encode(AuditTask(self_edit=se, adapter=adapter, run=task.run, reward_only=task.reward_only)),
+        ),
     ]
 
 

@@ -182,7 +182,11 @@ def propose_followups(payload: dict[str, Any], result: dict[str, Any]) -> list[T
     tasks = [Task("events", f"proposed/{task.job_id}/{task.doc_index}", encode(event))]
     runs = range(max(task.seeds, 1))
     return tasks + [
-        Task("apply", run_task_id(se.id, run), encode(ApplyTask(self_edit=se, run=run)))
+        Task(
+            "apply",
+            run_task_id(se.id, run),
+            encode(ApplyTask(self_edit=se, run=run, reward_only=task.reward_only)),
+        )
         for se in edits
         for run in runs
     ]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from seal.v1 import types_pb2 as seal_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13seal/v1/tasks.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\xc6\x02\n\x0bProposeTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tdoc_index\x18\x02 \x01(\r\x12!\n\x07passage\x18\x03 \x01(\x0b\x32\x10.seal.v1.Passage\x12#\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x13.seal.v1.EditFormat\x12\t\n\x01n\x18\x05 \x01(\r\x12#\n\x04lora\x18\x06 \x01(\x0b\x32\x15.seal.v1.LoraSettings\x12+\n\x08sampling\x18\x07 \x01(\x0b\x32\x19.seal.v1.SamplingSettings\x12\x17\n\x0fpassage_control\x18\x08 \x01(\x08\x12\x16\n\x0epolicy_version\x18\t \x01(\t\x12\x15\n\rteacher_model\x18\n \x01(\t\x12\r\n\x05seeds\x18\x0b \x01(\r\x12\x18\n\x10samples_per_edit\x18\x0c \x01(\r\"6\n\rProposeResult\x12%\n\nself_edits\x18\x01 \x03(\x0b\x32\x11.seal.v1.SelfEdit\">\n\tApplyTask\x12$\n\tself_edit\x18\x01 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12\x0b\n\x03run\x18\x02 \x01(\r\"3\n\x0b\x41pplyResult\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.seal.v1.AdapterRef\"d\n\tAuditTask\x12$\n\tself_edit\x18\x01 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12\x0b\n\x03run\x18\x03 \x01(\r\"0\n\x0b\x41uditResult\x12!\n\x07verdict\x18\x01 \x01(\x0b\x32\x10.seal.v1.Verdict\"\xeb\x01\n\x05\x45vent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x08proposed\x18\x02 \x01(\x0b\x32\x11.seal.v1.ProposedH\x00\x12#\n\x07trained\x18\x03 \x01(\x0b\x32\x10.seal.v1.TrainedH\x00\x12#\n\x07\x61udited\x18\x04 \x01(\x0b\x32\x10.seal.v1.AuditedH\x00\x12\x30\n\x0epolicy_trained\x18\x05 \x01(\x0b\x32\x16.seal.v1.PolicyTrainedH\x00\x12\'\n\tcertified\x18\x06 \x01(\x0b\x32\x12.seal.v1.CertifiedH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x0b\x43\x65rtifyTask\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12#\n\x06layers\x18\x05 \x03(\x0b\x32\x13.seal.v1.AdapterRef\x12+\n\tdocuments\x18\x06 \x03(\x0b\x32\x18.seal.v1.LearnedDocument\":\n\rCertifyResult\x12)\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x14.seal.v1.Certificate\"6\n\tCertified\x12)\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x14.seal.v1.Certificate\"D\n\x08Proposed\x12\x11\n\tdoc_index\x18\x01 \x01(\r\x12%\n\nself_edits\x18\x02 \x03(\x0b\x32\x11.seal.v1.SelfEdit\"R\n\x07Trained\x12\x14\n\x0cself_edit_id\x18\x01 \x01(\t\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12\x0b\n\x03run\x18\x03 \x01(\r\"O\n\x07\x41udited\x12\x14\n\x0cself_edit_id\x18\x01 \x01(\t\x12!\n\x07verdict\x18\x02 \x01(\x0b\x32\x10.seal.v1.Verdict\x12\x0b\n\x03run\x18\x03 \x01(\r\"\xc2\x01\n\nPolicyTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12)\n\x08settings\x18\x04 \x01(\x0b\x32\x17.seal.v1.PolicySettings\x12(\n\x08\x65xamples\x18\x05 \x03(\x0b\x32\x16.seal.v1.PolicyExample\x12\x19\n\x11round_mean_reward\x18\x06 \x01(\x01\x12\x15\n\rteacher_model\x18\x07 \x01(\t\"6\n\x0cPolicyResult\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.seal.v1.PolicyVersion\"F\n\rPolicyTrained\x12\r\n\x05round\x18\x01 \x01(\r\x12&\n\x06policy\x18\x02 \x01(\x0b\x32\x16.seal.v1.PolicyVersion\"e\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13seal/v1/tasks.proto\x12\x07seal.v1\x1a\x13seal/v1/types.proto\"\xdb\x02\n\x0bProposeTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tdoc_index\x18\x02 \x01(\r\x12!\n\x07passage\x18\x03 \x01(\x0b\x32\x10.seal.v1.Passage\x12#\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x13.seal.v1.EditFormat\x12\t\n\x01n\x18\x05 \x01(\r\x12#\n\x04lora\x18\x06 \x01(\x0b\x32\x15.seal.v1.LoraSettings\x12+\n\x08sampling\x18\x07 \x01(\x0b\x32\x19.seal.v1.SamplingSettings\x12\x17\n\x0fpassage_control\x18\x08 \x01(\x08\x12\x16\n\x0epolicy_version\x18\t \x01(\t\x12\x15\n\rteacher_model\x18\n \x01(\t\x12\r\n\x05seeds\x18\x0b \x01(\r\x12\x18\n\x10samples_per_edit\x18\x0c \x01(\r\x12\x13\n\x0breward_only\x18\r \x01(\x08\"6\n\rProposeResult\x12%\n\nself_edits\x18\x01 \x03(\x0b\x32\x11.seal.v1.SelfEdit\"S\n\tApplyTask\x12$\n\tself_edit\x18\x01 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12\x0b\n\x03run\x18\x02 \x01(\r\x12\x13\n\x0breward_only\x18\x03 \x01(\x08\"3\n\x0b\x41pplyResult\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.seal.v1.AdapterRef\"y\n\tAuditTask\x12$\n\tself_edit\x18\x01 \x01(\x0b\x32\x11.seal.v1.SelfEdit\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12\x0b\n\x03run\x18\x03 \x01(\r\x12\x13\n\x0breward_only\x18\x04 \x01(\x08\"0\n\x0b\x41uditResult\x12!\n\x07verdict\x18\x01 \x01(\x0b\x32\x10.seal.v1.Verdict\"\xeb\x01\n\x05\x45vent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x08proposed\x18\x02 \x01(\x0b\x32\x11.seal.v1.ProposedH\x00\x12#\n\x07trained\x18\x03 \x01(\x0b\x32\x10.seal.v1.TrainedH\x00\x12#\n\x07\x61udited\x18\x04 \x01(\x0b\x32\x10.seal.v1.AuditedH\x00\x12\x30\n\x0epolicy_trained\x18\x05 \x01(\x0b\x32\x16.seal.v1.PolicyTrainedH\x00\x12\'\n\tcertified\x18\x06 \x01(\x0b\x32\x12.seal.v1.CertifiedH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x0b\x43\x65rtifyTask\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12#\n\x06layers\x18\x05 \x03(\x0b\x32\x13.seal.v1.AdapterRef\x12+\n\tdocuments\x18\x06 \x03(\x0b\x32\x18.seal.v1.LearnedDocument\":\n\rCertifyResult\x12)\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x14.seal.v1.Certificate\"6\n\tCertified\x12)\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x14.seal.v1.Certificate\"D\n\x08Proposed\x12\x11\n\tdoc_index\x18\x01 \x01(\r\x12%\n\nself_edits\x18\x02 \x03(\x0b\x32\x11.seal.v1.SelfEdit\"R\n\x07Trained\x12\x14\n\x0cself_edit_id\x18\x01 \x01(\t\x12$\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x13.seal.v1.AdapterRef\x12\x0b\n\x03run\x18\x03 \x01(\r\"O\n\x07\x41udited\x12\x14\n\x0cself_edit_id\x18\x01 \x01(\t\x12!\n\x07verdict\x18\x02 \x01(\x0b\x32\x10.seal.v1.Verdict\x12\x0b\n\x03run\x18\x03 \x01(\r\"\xc2\x01\n\nPolicyTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12)\n\x08settings\x18\x04 \x01(\x0b\x32\x17.seal.v1.PolicySettings\x12(\n\x08\x65xamples\x18\x05 \x03(\x0b\x32\x16.seal.v1.PolicyExample\x12\x19\n\x11round_mean_reward\x18\x06 \x01(\x01\x12\x15\n\rteacher_model\x18\x07 \x01(\t\"6\n\x0cPolicyResult\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.seal.v1.PolicyVersion\"F\n\rPolicyTrained\x12\r\n\x05round\x18\x01 \x01(\r\x12&\n\x06policy\x18\x02 \x01(\x0b\x32\x16.seal.v1.PolicyVersion\"e\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seal.v1.tasks_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSETASK']._serialized_start=54
-  _globals['_PROPOSETASK']._serialized_end=380
-  _globals['_PROPOSERESULT']._serialized_start=382
-  _globals['_PROPOSERESULT']._serialized_end=436
-  _globals['_APPLYTASK']._serialized_start=438
-  _globals['_APPLYTASK']._serialized_end=500
-  _globals['_APPLYRESULT']._serialized_start=502
-  _globals['_APPLYRESULT']._serialized_end=553
-  _globals['_AUDITTASK']._serialized_start=555
-  _globals['_AUDITTASK']._serialized_end=655
-  _globals['_AUDITRESULT']._serialized_start=657
-  _globals['_AUDITRESULT']._serialized_end=705
-  _globals['_EVENT']._serialized_start=708
-  _globals['_EVENT']._serialized_end=943
-  _globals['_CERTIFYTASK']._serialized_start=946
-  _globals['_CERTIFYTASK']._serialized_end=1125
-  _globals['_CERTIFYRESULT']._serialized_start=1127
-  _globals['_CERTIFYRESULT']._serialized_end=1185
-  _globals['_CERTIFIED']._serialized_start=1187
-  _globals['_CERTIFIED']._serialized_end=1241
-  _globals['_PROPOSED']._serialized_start=1243
-  _globals['_PROPOSED']._serialized_end=1311
-  _globals['_TRAINED']._serialized_start=1313
-  _globals['_TRAINED']._serialized_end=1395
-  _globals['_AUDITED']._serialized_start=1397
-  _globals['_AUDITED']._serialized_end=1476
-  _globals['_POLICYTASK']._serialized_start=1479
-  _globals['_POLICYTASK']._serialized_end=1673
-  _globals['_POLICYRESULT']._serialized_start=1675
-  _globals['_POLICYRESULT']._serialized_end=1729
-  _globals['_POLICYTRAINED']._serialized_start=1731
-  _globals['_POLICYTRAINED']._serialized_end=1801
-  _globals['_DEADLETTER']._serialized_start=1803
-  _globals['_DEADLETTER']._serialized_end=1904
+  _globals['_PROPOSETASK']._serialized_end=401
+  _globals['_PROPOSERESULT']._serialized_start=403
+  _globals['_PROPOSERESULT']._serialized_end=457
+  _globals['_APPLYTASK']._serialized_start=459
+  _globals['_APPLYTASK']._serialized_end=542
+  _globals['_APPLYRESULT']._serialized_start=544
+  _globals['_APPLYRESULT']._serialized_end=595
+  _globals['_AUDITTASK']._serialized_start=597
+  _globals['_AUDITTASK']._serialized_end=718
+  _globals['_AUDITRESULT']._serialized_start=720
+  _globals['_AUDITRESULT']._serialized_end=768
+  _globals['_EVENT']._serialized_start=771
+  _globals['_EVENT']._serialized_end=1006
+  _globals['_CERTIFYTASK']._serialized_start=1009
+  _globals['_CERTIFYTASK']._serialized_end=1188
+  _globals['_CERTIFYRESULT']._serialized_start=1190
+  _globals['_CERTIFYRESULT']._serialized_end=1248
+  _globals['_CERTIFIED']._serialized_start=1250
+  _globals['_CERTIFIED']._serialized_end=1304
+  _globals['_PROPOSED']._serialized_start=1306
+  _globals['_PROPOSED']._serialized_end=1374
+  _globals['_TRAINED']._serialized_start=1376
+  _globals['_TRAINED']._serialized_end=1458
+  _globals['_AUDITED']._serialized_start=1460
+  _globals['_AUDITED']._serialized_end=1539
+  _globals['_POLICYTASK']._serialized_start=1542
+  _globals['_POLICYTASK']._serialized_end=1736
+  _globals['_POLICYRESULT']._serialized_start=1738
+  _globals['_POLICYRESULT']._serialized_end=1792
+  _globals['_POLICYTRAINED']._serialized_start=1794
+  _globals['_POLICYTRAINED']._serialized_end=1864
+  _globals['_DEADLETTER']._serialized_start=1866
+  _globals['_DEADLETTER']._serialized_end=1967
 # @@protoc_insertion_point(module_scope)

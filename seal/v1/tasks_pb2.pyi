@@ -42,6 +42,7 @@ class ProposeTask(_message.Message):
     TEACHER_MODEL_FIELD_NUMBER: _builtins.int
     SEEDS_FIELD_NUMBER: _builtins.int
     SAMPLES_PER_EDIT_FIELD_NUMBER: _builtins.int
+    REWARD_ONLY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     format: _types_pb2.EditFormat.ValueType
@@ -56,6 +57,10 @@ class ProposeTask(_message.Message):
     """Training runs (seeds) per self-edit: apply tasks for runs 0..seeds-1."""
     samples_per_edit: _builtins.int
     """Samples joined into each self-edit (0 is read as 1)."""
+    reward_only: _builtins.bool
+    """A policy-training round's E-step: its audits measure the reward and skip the forgetting
+    guardrails (retention, KL); their verdicts say so and can never be promoted.
+    """
     @_builtins.property
     def passage(self) -> _types_pb2.Passage: ...
     @_builtins.property
@@ -77,10 +82,11 @@ class ProposeTask(_message.Message):
         teacher_model: _builtins.str = ...,
         seeds: _builtins.int = ...,
         samples_per_edit: _builtins.int = ...,
+        reward_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "passage", b"passage", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "passage_control", b"passage_control", "policy_version", b"policy_version", "samples_per_edit", b"samples_per_edit", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "format", b"format", "job_id", b"job_id", "lora", b"lora", "n", b"n", "passage", b"passage", "passage_control", b"passage_control", "policy_version", b"policy_version", "reward_only", b"reward_only", "samples_per_edit", b"samples_per_edit", "sampling", b"sampling", "seeds", b"seeds", "teacher_model", b"teacher_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -114,8 +120,11 @@ class ApplyTask(_message.Message):
 
     SELF_EDIT_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    REWARD_ONLY_FIELD_NUMBER: _builtins.int
     run: _builtins.int
     """Which training run of the self-edit: the LoRA seed is lora.seed + run."""
+    reward_only: _builtins.bool
+    """Passed on to the audit (ProposeTask.reward_only)."""
     @_builtins.property
     def self_edit(self) -> _types_pb2.SelfEdit: ...
     def __init__(
@@ -123,10 +132,11 @@ class ApplyTask(_message.Message):
         *,
         self_edit: _types_pb2.SelfEdit | None = ...,
         run: _builtins.int = ...,
+        reward_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["self_edit", b"self_edit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run", "self_edit", b"self_edit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reward_only", b"reward_only", "run", b"run", "self_edit", b"self_edit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,7 +171,10 @@ class AuditTask(_message.Message):
     SELF_EDIT_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    REWARD_ONLY_FIELD_NUMBER: _builtins.int
     run: _builtins.int
+    reward_only: _builtins.bool
+    """Measure the reward only (ProposeTask.reward_only)."""
     @_builtins.property
     def self_edit(self) -> _types_pb2.SelfEdit: ...
     @_builtins.property
@@ -172,10 +185,11 @@ class AuditTask(_message.Message):
         self_edit: _types_pb2.SelfEdit | None = ...,
         adapter: _types_pb2.AdapterRef | None = ...,
         run: _builtins.int = ...,
+        reward_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "self_edit", b"self_edit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "run", b"run", "self_edit", b"self_edit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "reward_only", b"reward_only", "run", b"run", "self_edit", b"self_edit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

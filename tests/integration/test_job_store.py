@@ -33,6 +33,17 @@ def test_submission_stores_the_job_and_one_propose_task_per_document(plane) -> N
     assert not plane.enqueue(Task("propose", f"{job.id}/0", {}))
 
 
+def test_only_a_policy_training_rounds_audits_are_reward_only(plane) -> None:
+    import dataclasses
+
+    store = JobStore(plane)
+    ordinary = store.create(SPEC)
+    round_job = store.create(dataclasses.replace(SPEC, parent_job_id=ordinary.id))
+    entries = plane.redis.xrange(plane.stream_key("propose"))
+    tasks = [decode(ProposeTask, json.loads(fields[b"payload"])) for _, fields in entries]
+    assert {t.job_id: t.reward_only for t in tasks} == {ordinary.id: False, round_job.id: True}
+
+
 def test_a_finished_job_stays_finished(plane) -> None:
     store = JobStore(plane)
     job = store.create(SPEC)

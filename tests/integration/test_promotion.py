@@ -191,6 +191,19 @@ def test_every_refusal_has_its_own_code(registry, adapters, tiny_model_dir: Path
         _tamper(jobs, job.id, edit.id, change)
         assert _refusal(api, job.id, edit.id) == code, code
 
+    # A policy-training round's reward-only verdict, even with a reward and passed forced true: refused,
+    # saying why (retention and KL were never measured).
+    job, edit, _ = _audited_job(
+        jobs,
+        handle,
+        sha,
+        fp,
+        checks=("tau_leak:pass", "signoff:pass", "forgetting_unchecked:fail:reward-only"),
+    )
+    with pytest.raises(PromotionRefused) as refused:
+        api.promote("faq", job.id, edit.id)
+    assert refused.value.code == "failed_guardrail" and "reward-only audit" in refused.value.message
+
     # The student's record of the adapter changed after the verdict: the verdict names another one.
     job, edit, adapter = _audited_job(jobs, handle, sha, fp)
     key = jobs.plane.key("job", job.id, "parts")

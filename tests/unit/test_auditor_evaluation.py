@@ -10,7 +10,7 @@ import torch
 
 import auditor.core
 import auditor.evaluation
-from auditor.core import AdapterMismatchError, Retention, audit, base_retention
+from auditor.core import REWARD_ONLY_DETAIL, AdapterMismatchError, Retention, audit, base_retention
 from auditor.evaluation import (
     answer_questions,
     evaluate_document,
@@ -242,6 +242,30 @@ def test_audit_fails_a_self_edit_that_quotes_tau(tiny_model, adapter) -> None:
     assert verdict.checks[0].startswith("tau_leak:fail:")
     assert len(verdict.checks) == 1
     assert not verdict.passed
+
+
+def test_a_reward_only_audit_scores_tau_and_can_never_pass(tiny_model, adapter) -> None:
+    model, tokenizer = tiny_model
+    questions = [q.question for q in _AUDIT_DOC.questions]
+    peft_model = load_adapter(model, adapter[0])
+    learned = answer_questions(
+        peft_model, tokenizer, [question_prompt(_AUDIT_DOC.title, q) for q in questions], max_new_tokens=8
+    )
+    unload_adapter(peft_model)
+    doc = _doc(*zip(questions, learned, strict=True))
+    full = _audit(model, tokenizer, adapter, doc=doc, retention=None)
+    verdict = _audit(model, tokenizer, adapter, doc=doc, reward_only=True)
+    # The same reward as an ordinary audit (what the policy learns from) ...
+    assert (verdict.reward, verdict.adapted_scores) == (
+        full.reward,
+        full.adapted_scores,
+    ) and verdict.reward == 1.0
+    # ... but no retention or KL measured, said by a failed check: it never passes, so never promotes.
+    assert verdict.checks == ("tau_leak:pass", f"forgetting_unchecked:fail:{REWARD_ONLY_DETAIL}")
+    assert verdict.failed_checks() == ("forgetting_unchecked",)
+    assert not verdict.passed
+    with pytest.raises(ValueError, match="measures no retention"):
+        _audit(model, tokenizer, adapter, doc=doc, reward_only=True, retention=Retention(1.0, ()))
 
 
 def test_audit_uses_the_cached_baseline_and_retention(tiny_model, adapter) -> None:

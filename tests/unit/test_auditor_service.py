@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,27 @@ def test_the_audited_event_carries_the_tasks_run(run: int, task_id: str) -> None
     assert event.audited.verdict == _VERDICT
 
 
+@pytest.mark.parametrize("reward_only", [False, True])
+def test_reward_only_travels_from_the_propose_task_to_every_audit(reward_only: bool) -> None:
+    from seal.records import ApplyResult, ApplyTask, ProposeResult, ProposeTask
+    from student.service import apply_followups
+    from teacher.service import propose_followups
+
+    propose = ProposeTask(job_id="job-1", doc_index=0, n=1, seeds=2, reward_only=reward_only)
+    applies = [
+        t for t in propose_followups(encode(propose), encode(ProposeResult((_EDIT,)))) if t.stream == "apply"
+    ]
+    assert len(applies) == 2  # one per training run
+    for apply in applies:
+        assert decode(ApplyTask, apply.payload).reward_only is reward_only
+        (audit,) = [
+            t
+            for t in apply_followups(apply.payload, encode(ApplyResult(adapter=_ADAPTER)))
+            if t.stream == "audit"
+        ]
+        assert decode(AuditTask, audit.payload).reward_only is reward_only
+
+
 def test_two_runs_of_one_self_edit_never_share_an_event_id() -> None:
     result = encode(AuditResult(verdict=_VERDICT))
     ids = {
@@ -87,3 +109,18 @@ def test_the_engine_baseline_is_judged_and_keyed_by_judge_and_style(
     engine.answer_style = "reference"
     assert engine._baseline(doc) is not first
     assert len(engine._baselines) == 3
+
+
+def test_the_job_table_says_a_reward_only_verdict_is_one_not_a_failed_guardrail() -> None:
+    from types import SimpleNamespace
+
+    from seal.cli import _guardrails
+
+    def edit(*checks: str) -> SimpleNamespace:
+        return SimpleNamespace(verdict=dataclasses.replace(_VERDICT, checks=checks))
+
+    assert (
+        _guardrails(edit("tau_leak:pass", "forgetting_unchecked:fail:x")) == "reward only (no retention/KL)"
+    )
+    assert _guardrails(edit("tau_leak:fail:q", "retention:pass")) == "tau_leak failed"
+    assert _guardrails(edit("tau_leak:pass")) == "pass"
