@@ -148,6 +148,10 @@ def test_two_rounds_each_train_a_version_and_round_two_samples_with_round_ones(
             assert [r.run for r in runs] == [0, 1] and all(r.verdict is not None for r in runs)
             assert runs[0].adapter.sha256 != runs[1].adapter.sha256  # another seed, another adapter
             assert edit.reward == pytest.approx(sum(r.verdict.reward for r in runs) / 2)
+            # The E-step's audits were reward-only: no retention or KL measured, and never promotable.
+            for r in runs:
+                assert "forgetting_unchecked" in r.verdict.failed_checks() and not r.verdict.passed
+                assert not any(c.startswith(("retention:", "kl_shift:")) for c in r.verdict.checks)
         assert summary.trained.round == number
         assert summary.trained.base_fingerprint == model_fingerprint(teacher_model_dir)
         assert summary.trained.examples == 2
