@@ -14,6 +14,7 @@ self_edits.jsonl, so a changed recipe reruns its rows and nothing is sampled twi
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -142,13 +143,24 @@ def condition_digest(cond: Condition, setup: Setup) -> str:
 
 def teacher_source_key(cond: Condition, setup: Setup) -> dict[str, Any]:
     """What determines our teacher's self-edits, apart from the passage and the seed."""
-    return {
+    key = {
         "teacher": setup.teacher_model,
         "policy": cond.policy,
         "policy_path": cond.policy_path,
         "format": cond.edit_format.value,
         "sampling": asdict(replace(setup.sampling, seed=0)),
     }
+    if cond.policy_path:
+        # The adapter's content, not only where it lies: a policy retrained in place is another row.
+        key["policy_sha256"] = _policy_sha256(cond.policy_path)
+    return key
+
+
+@functools.cache
+def _policy_sha256(path: str) -> str:
+    from seal.digests import directory_manifest, manifest_sha256
+
+    return manifest_sha256(directory_manifest(Path(path)))
 
 
 def plan_of(cond: Condition, setup: Setup) -> report.Plan:

@@ -23,6 +23,7 @@ from seal.bench.knowledge import (
     Setup,
     Student,
     combined_self_edit,
+    condition_digest,
     default_data_dir,
     load_eval_items,
     load_training_items,
@@ -377,3 +378,21 @@ def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold
     chosen = module.select_best(rows, threshold=0.0)
     assert [(r["context"], r["sample"]) for r in chosen] == [(7, 1), (11, 1)]
     assert [r["context"] for r in module.select_best(rows, threshold=-1.0)] == [7, 9, 11]
+
+
+def test_a_policy_row_is_keyed_by_the_adapters_content_not_only_its_path(tmp_path: Path) -> None:
+    from seal.bench import knowledge
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "adapter_config.json").write_text("{}")
+    (policy / "adapter_model.safetensors").write_bytes(b"weights of round 1")
+    setup = Setup("m", "m")
+    cond = Condition("policy-r1", "ours, r1", "one", TEACHER, policy="r1", policy_path=str(policy))
+    untrained = Condition("teacher", "ours", "one", TEACHER)
+    first = condition_digest(cond, setup)
+    (policy / "adapter_model.safetensors").write_bytes(b"weights retrained in place")
+    knowledge._policy_sha256.cache_clear()
+    assert condition_digest(cond, setup) != first
+    # The untrained teacher's key is as it always was: its rows stay valid.
+    assert "policy_sha256" not in knowledge.teacher_source_key(untrained, setup)
