@@ -151,16 +151,23 @@ def teacher_source_key(cond: Condition, setup: Setup) -> dict[str, Any]:
         "sampling": asdict(replace(setup.sampling, seed=0)),
     }
     if cond.policy_path:
-        # The adapter's content, not only where it lies: a policy retrained in place is another row.
+        # The adapter's weights, not where they lie: a policy retrained in place is another row, and
+        # one moved (into docs/results, say) keeps its rows.
+        del key["policy_path"]
         key["policy_sha256"] = _policy_sha256(cond.policy_path)
     return key
 
 
 @functools.cache
 def _policy_sha256(path: str) -> str:
-    from seal.digests import directory_manifest, manifest_sha256
+    """sha256 over the adapter's weight files (names and contents), its config left out: PEFT writes
+    the base model's local path there."""
+    from seal.digests import file_sha256
 
-    return manifest_sha256(directory_manifest(Path(path)))
+    weights = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"no adapter weights (*.safetensors) in {path}")
+    return _digest([[w.name, file_sha256(w)] for w in weights])
 
 
 def plan_of(cond: Condition, setup: Setup) -> report.Plan:

@@ -394,5 +394,11 @@ def test_a_policy_row_is_keyed_by_the_adapters_content_not_only_its_path(tmp_pat
     (policy / "adapter_model.safetensors").write_bytes(b"weights retrained in place")
     knowledge._policy_sha256.cache_clear()
     assert condition_digest(cond, setup) != first
+    # Moved elsewhere, config rewritten (PEFT records a local path there): the same row.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "adapter_config.json").write_text('{"base_model_name_or_path": "smollm2-135m"}')
+    (moved / "adapter_model.safetensors").write_bytes(b"weights retrained in place")
+    assert condition_digest(replace(cond, policy_path=str(moved)), setup) == condition_digest(cond, setup)
     # The untrained teacher's key is as it always was: its rows stay valid.
     assert "policy_sha256" not in knowledge.teacher_source_key(untrained, setup)
