@@ -495,9 +495,13 @@ class Bench:
         self.edits = SelfEdits(self.setup, self.sampler, JsonlLog(self.out / "self_edits.jsonl", edit_key))
         self.multidoc: list[report.ConditionSummary] = []
         self.extra: dict[str, Any] = {}
+        # The passages of this run: rows of others (a longer run's, in the same folder) stay out of
+        # its tables. Empty until run() names them.
+        self.passages: set[int] = set()
 
     def run(self, conditions: Sequence[Condition], items: Sequence[Item]) -> list[report.ConditionSummary]:
         """Every condition on every passage (passage by passage), skipping results already logged."""
+        self.passages = {item.index for item in items}
         for number, item in enumerate(items, 1):
             for cond in conditions:
                 for sample in range(sample_count(cond, self.setup)):
@@ -525,7 +529,7 @@ class Bench:
         )
 
     def summaries(self, conditions: Sequence[Condition]) -> list[report.ConditionSummary]:
-        rows = list(self.results.rows.values())
+        rows = [r for r in self.results.rows.values() if not self.passages or r["passage"] in self.passages]
         return [report.summarize(rows, plan_of(c, self.setup)) for c in conditions]
 
     def table(self, conditions: Sequence[Condition]) -> str:

@@ -257,6 +257,10 @@ def test_resume_skips_finished_rows_and_reuses_cached_self_edits(
     summary = json.loads((out / "summary.json").read_text())
     assert [c["name"] for c in summary["conditions"]] == ["none", "passage", "teacher", "qwen2.5-7b"]
 
+    # A shorter run in the same folder tables its own passages only, not the longer run's others.
+    shorter = _bench(out, tiny_model, CountingSampler()).run(_conditions(TINY_LORA), items[:1])
+    assert all(s.passages == 1 for s in shorter)
+
 
 def test_a_truncated_last_line_is_redone(tmp_path: Path, data_dir: Path, tiny_model) -> None:
     items = load_eval_items(data_dir, 1)
