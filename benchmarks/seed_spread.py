@@ -1,0 +1,54 @@
+"""Run-to-run spread of the untrained teacher's row, and a policy row against it, from results.jsonl.
+
+After `seal bench knowledge ... --conditions teacher --samples 2` has added a second self-edit
+(seed 1) per passage, each seed's self-edits are one "run" of the row. This prints each run's mean,
+their paired difference (the run-to-run spread) and a policy row's paired difference against each
+run and against their mean, with 95 % paired bootstrap intervals over passages:
+
+    .venv/bin/python benchmarks/seed_spread.py docs/results/knowledge/results.jsonl --policy policy-r1-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from seal.bench.report import bootstrap_interval, mean
+
+
+def _line(label: str, diffs: list[float]) -> str:
+    low, high = bootstrap_interval(diffs)
+    return f"{label}: {100 * mean(diffs):+.1f} points (95 % {100 * low:+.1f} to {100 * high:+.1f})"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path)
+    p.add_argument("--policy", default="", help="a policy condition's name, compared with both runs")
+    args = p.parse_args()
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    teacher = [r for r in rows if r["condition"] == "teacher" and r["passage"] >= 0]
+    if len({r["digest"] for r in teacher}) != 1:
+        raise SystemExit("the teacher rows come from more than one recipe: filter them first")
+    acc = {(r["passage"], r["sample"]): r["accuracy"] for r in teacher}
+    passages = sorted(p for p, s in acc if s == 1 and (p, 0) in acc)
+    seed0 = [acc[(p, 0)] for p in passages]
+    seed1 = [acc[(p, 1)] for p in passages]
+    print(f"{len(passages)} passages: seed 0 {100 * mean(seed0):.1f} %, seed 1 {100 * mean(seed1):.1f} %")
+    print(_line("seed 1 - seed 0 (run-to-run)", [b - a for a, b in zip(seed0, seed1, strict=True)]))
+    if args.policy:
+        policy = {r["passage"]: r["accuracy"] for r in rows if r["condition"] == args.policy}
+        shared = [i for i, p in enumerate(passages) if p in policy]
+        trained = [policy[passages[i]] for i in shared]
+        for label, base in (("seed 0", seed0), ("seed 1", seed1)):
+            print(
+                _line(f"{args.policy} - {label}", [t - base[i] for t, i in zip(trained, shared, strict=True)])
+            )
+        both = [(seed0[i] + seed1[i]) / 2 for i in shared]
+        print(_line(f"{args.policy} - mean of both", [t - b for t, b in zip(trained, both, strict=True)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
