@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import time
 from contextlib import closing
@@ -38,7 +40,8 @@ from typing import Any
 import torch
 
 from auditor.evaluation import evaluate_document, load_adapter, unload_adapter
-from seal.bench.knowledge import Item, default_data_dir, load_training_items
+from seal.bench.knowledge import Item, JsonlLog, default_data_dir, load_training_items
+from seal.bench.report import write_text_atomic
 from seal.models import DEFAULT_MODEL, load_model, resolve_model
 from seal.records import EditFormat, LoraSettings, PolicyExample, PolicySettings, SamplingSettings
 from student.multi import attached_in_turn, train_adapters
@@ -61,17 +64,8 @@ class Sampled:
         return [self.by_prompt[p] for p in prompts]
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-        fh.flush()
+def row_key(row: dict[str, Any]) -> str:
+    return f"{row['round']}/{row['context']}/{row['sample']}"
 
 
 def e_step_chunk(
@@ -152,6 +146,10 @@ def _row(round_number: int, edit: Any, stats: Any, before: list[Any], after: lis
         "steps": stats.steps,
         "final_loss": stats.losses[-1] if stats.losses else None,
     }
+
+
+def _samples(log: JsonlLog, context: int) -> int:
+    return sum(row["context"] == context for row in log.rows.values())
 
 
 def select_best(rows: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
@@ -238,10 +236,20 @@ def main() -> int:
         default=0.0,
         help="a round starts no chunk after this many seconds (0: none)",
     )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the model's architecture with random weights (seed 0): times a run, teaches nothing",
+    )
     args = p.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(resolve_model(args.model), device=args.device)
+    if args.random_weights:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(model.config).to(args.device).eval()
     all_items = load_training_items(args.data, args.skip + args.contexts)[args.skip :]
     items = {item.index: item for item in all_items}
     parent: Path | None = None
@@ -251,8 +259,10 @@ def main() -> int:
             parent = policy_dir
             continue
         t0 = time.perf_counter()
-        log = args.out / f"round{r}.jsonl"
-        done = {row["context"] for row in read_rows(log)}
+        # Rows as they land (fsynced; a line cut short by a crash is redone): a context is done when
+        # all its n self-edits are in.
+        log = JsonlLog(args.out / f"round{r}.jsonl", row_key)
+        done = {c for c in {row["context"] for row in log.rows.values()} if _samples(log, c) >= args.n}
         todo = [item for item in all_items if item.index not in done]
         for start in range(0, len(todo), args.chunk):
             if args.round_budget_s and time.perf_counter() - t0 > args.round_budget_s:
@@ -263,7 +273,8 @@ def main() -> int:
                 break
             chunk = todo[start : start + args.chunk]
             rows = e_step_chunk(model, tokenizer, chunk, args, r, parent)
-            append_rows(log, rows)
+            for row in rows:
+                log.append(row)
             done |= {item.index for item in chunk}
             row = rows[0]
             print(
@@ -272,19 +283,24 @@ def main() -> int:
                 f"mean reward {statistics.fmean(x['reward'] for x in rows):+.3f}",
                 flush=True,
             )
-        rows = read_rows(log)
+        rows = [row for row in log.rows.values() if row["context"] in done]
         if not select_best(rows, args.threshold):
             print(f"round {r}: no self-edit beat the threshold; no policy", flush=True)
             return 1
-        summary = m_step(model, tokenizer, rows, items, args, parent, policy_dir)
+        # The policy is trained into a staging folder and renamed into place last, with its record
+        # written before: a crash never leaves a policy folder that a rerun would take as finished.
+        staging = policy_dir.with_name(policy_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        summary = m_step(model, tokenizer, rows, items, args, parent, staging)
         summary.update(
             round=r,
-            contexts=len({x["context"] for x in rows}),
+            contexts=len(done),
             self_edits=len(rows),
             mean_reward=statistics.fmean(x["reward"] for x in rows),
             wall_s=time.perf_counter() - t0,
         )
-        (args.out / f"round{r}.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(args.out / f"round{r}.json", json.dumps(summary, indent=2) + "\n")
+        os.replace(staging, policy_dir)
         print(
             f"round {r}: mean reward {summary['mean_reward']:+.3f} over {len(rows)} self-edits; "
             f"{summary['examples']} examples, SFT loss {summary['final_loss']:.3f}",

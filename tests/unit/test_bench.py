@@ -363,7 +363,7 @@ def test_rest_em_job_trains_its_updates_with_the_epochs_asked_for(data_dir: Path
     ]
 
 
-def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold() -> None:
+def _one_host():  # noqa: ANN202
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "rest_em_one_host.py"
@@ -371,6 +371,11 @@ def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold() -> None:
+    module = _one_host()
     rows = [
         {"context": 7, "sample": 0, "reward": 0.2},
         {"context": 7, "sample": 1, "reward": 0.4},
@@ -406,3 +411,34 @@ def test_a_policy_row_is_keyed_by_the_adapters_content_not_only_its_path(tmp_pat
     assert condition_digest(replace(cond, policy_path=str(moved)), setup) == condition_digest(cond, setup)
     # The untrained teacher's key is as it always was: its rows stay valid.
     assert "policy_sha256" not in knowledge.teacher_source_key(untrained, setup)
+
+
+def test_one_host_rest_em_resumes_a_cut_round_and_writes_its_policy_whole(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import sys
+
+    module = _one_host()
+    out = tmp_path / "out"
+    flags = ["x", "--model", str(tiny_model_dir), "--data", str(data_dir), "--out", str(out), "--skip", "0"]
+    flags += ["--contexts", "2", "--n", "2", "--chunk", "1", "--rounds", "1", "--epochs", "1"]
+    flags += ["--max-new-tokens", "8", "--threshold", "-1"]
+    monkeypatch.setattr(sys, "argv", flags)
+    assert module.main() == 0
+    policy = out / "round1-policy"
+    assert (policy / "adapter_model.safetensors").is_file() and not (policy / "README.md").exists()
+    assert json.loads((out / "round1.json").read_text())["examples"] == 2
+    # A crash cut the last row short and the policy was never renamed into place: the rerun redoes
+    # that context only, and trains the policy again.
+    text = (out / "round1.jsonl").read_text()
+    first = json.loads(text.splitlines()[0])["context"]
+    (out / "round1.jsonl").write_text(text[: len(text) - 40])
+    shutil.rmtree(policy)
+    assert module.main() == 0
+    rows = [
+        json.loads(line) for line in (out / "round1.jsonl").read_text().splitlines() if line.endswith("}")
+    ]
+    assert sum(r["context"] == first for r in rows) == 2  # the context finished before the cut: kept
+    assert len(rows) == 5 and len({(r["context"], r["sample"]) for r in rows}) == 4  # the other: redone
+    assert (policy / "adapter_config.json").is_file() and not (out / "round1-policy.partial").exists()
