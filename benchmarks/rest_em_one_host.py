@@ -14,9 +14,10 @@ package index), this runs the same pieces in one process, round by round:
 - M-step: `teacher.policy.train_policy` (SFT on prompt -> chosen), continuing from the last round.
 Rewards are unsigned here (no auditor service; the single trainer runs fp32, the batched one bf16 on
 CUDA): rows of this script are for the policy, not for a promotion. One row per self-edit is appended to
-<out>/round<r>.jsonl as its chunk lands, and a rerun skips the contexts already there; each round's
-policy is saved to <out>/round<r>-policy/ (bf16 weights, so it travels), with <out>/round<r>.json
-(its examples, their digest, mean reward, timings).
+<out>/round<r>.jsonl as its chunk lands (fsynced), and a rerun skips the contexts whose every
+self-edit is there; each round's policy is saved to <out>/round<r>-policy/ (bf16 weights, so it
+travels; renamed into place last, so a rerun redoes a round whose policy never landed), with
+<out>/round<r>.json (its examples, their digest, mean reward, timings).
 
     python benchmarks/rest_em_one_host.py --out bench-out/rest-em-gpu --device cuda \\
         --contexts 50 --n 5 --rounds 2 --round-budget-s 240
