@@ -182,9 +182,32 @@ def plan_of(cond: Condition, setup: Setup) -> report.Plan:
 
 
 def knowledge_conditions(
-    lora: LoraSettings, teacher_format: EditFormat, policies: Sequence[tuple[str, str]] = ()
+    lora: LoraSettings,
+    teacher_format: EditFormat,
+    policies: Sequence[tuple[str, str]] = (),
+    join: int = 1,
 ) -> list[Condition]:
-    """The rows of the SEAL results table (paper, Table 2 single passage), then one per teacher policy."""
+    """The rows of the SEAL results table (paper, Table 2 single passage), then one per teacher policy.
+
+    `join` > 1 makes every self-edit row the default recipe's update instead: the passage plus `join`
+    self-edits of the passage joined (teacher seeds 0..join-1, or the first `join` released
+    completions), as the services do with `samples_per_edit`; those rows are named `NAME-joinN`."""
+    if join < 1:
+        raise ValueError(f"--join must be at least 1, got {join}")
+    rows = _single_conditions(lora, teacher_format, policies)
+    if join == 1:
+        return rows
+    return [
+        replace(c, name=f"{c.name}-join{join}", label=f"{c.label}, {join} joined", data="all", n=join)
+        if c.self_edits
+        else c
+        for c in rows
+    ]
+
+
+def _single_conditions(
+    lora: LoraSettings, teacher_format: EditFormat, policies: Sequence[tuple[str, str]]
+) -> list[Condition]:
     return [
         Condition("none", "no adaptation", "none", lora=lora),
         Condition("passage", "passage only", "passage", lora=lora),
@@ -740,13 +763,19 @@ def with_prompts(conditions: list[Condition], log: Callable[[str], None]) -> lis
     return kept
 
 
-def _notes(setup: Setup, lora: LoraSettings, data: str) -> list[str]:
+def _notes(setup: Setup, lora: LoraSettings, data: str, join: int = 1) -> list[str]:
+    rows = (
+        f"A self-edit row trains {setup.samples} self-edit(s) per passage separately; "
+        "the passage's accuracy is their mean (no best-of-N)."
+        if join == 1
+        else f"A self-edit row (NAME-join{join}) trains one update per passage on the passage and "
+        f"{join} self-edits joined (no best-of-N)."
+    )
     return [
         f"Student {setup.student_model}, teacher {setup.teacher_model} (sampling {asdict(setup.sampling)}); "
         f"questions asked without the passage, graded {setup.metric!r}.",
         f"Recipe (LoRA): {asdict(lora)}.",
-        f"Passages: {data}. A self-edit row trains {setup.samples} self-edit(s) per passage separately; "
-        "the passage's accuracy is their mean (no best-of-N).",
+        f"Passages: {data}. {rows}",
     ]
 
 
@@ -754,7 +783,7 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     lora = recipe_from_args(args)
     policies = parse_policies(args.policy)
-    conditions = knowledge_conditions(lora, EditFormat(args.teacher_format), policies)
+    conditions = knowledge_conditions(lora, EditFormat(args.teacher_format), policies, args.join)
     conditions = with_prompts(select(conditions, args.conditions), print)
     items = load_eval_items(args.data, args.passages)
     check_released_counts(conditions, items, setup)
@@ -767,7 +796,7 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
         student,
         sampler,
         title=f"SEAL knowledge incorporation, {len(items)} evaluation passages",
-        notes=_notes(setup, lora, f"the first {len(items)} of base_val.json"),
+        notes=_notes(setup, lora, f"the first {len(items)} of base_val.json", args.join),
         rounds=[
             c.name for c in conditions if c.source == TEACHER and c.edit_format.value == args.teacher_format
         ],
@@ -873,6 +902,12 @@ def add_bench_commands(sub: Any) -> None:
     knowledge.add_argument("--teacher-format", default=EditFormat.IMPLICATIONS.value, choices=formats)
     knowledge.add_argument(
         "--policy", action="append", default=[], help="NAME=PATH of a teacher policy adapter"
+    )
+    knowledge.add_argument(
+        "--join",
+        type=int,
+        default=1,
+        help="self-edits joined in one update per self-edit row (the default recipe: 3); rows NAME-joinN",
     )
     knowledge.add_argument(
         "--multi-doc", type=int, default=0, help="also the CPT table over the first n passages"

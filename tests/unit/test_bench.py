@@ -25,13 +25,15 @@ from seal.bench.knowledge import (
     combined_self_edit,
     condition_digest,
     default_data_dir,
+    edit_indices,
+    knowledge_conditions,
     load_eval_items,
     load_training_items,
     lora_key,
     plan_of,
 )
 from seal.cli import main
-from seal.records import LoraSettings, Passage
+from seal.records import EditFormat, LoraSettings, Passage
 from student.sequences import build_training_texts
 
 TINY_LORA = LoraSettings(rank=2, alpha=4.0, epochs=1, max_seq_len=48)
@@ -313,6 +315,49 @@ def test_seal_bench_recipe_uses_training_passages_only(
     assert {r["condition"] for r in rows} == {"passage", "all-e5-constant"}
     # The all-N row's update holds the lines of both cached self-edits.
     assert all(r["edit_indices"] == [0, 1] for r in rows if r["condition"] == "all-e5-constant")
+
+
+def test_join_makes_every_self_edit_row_the_default_recipes_joined_update() -> None:
+    single = knowledge_conditions(TINY_LORA, EditFormat.IMPLICATIONS, [("r1", "/p")])
+    joined = knowledge_conditions(TINY_LORA, EditFormat.IMPLICATIONS, [("r1", "/p")], join=3)
+    by_name = {c.name: c for c in joined}
+    assert set(by_name) == {
+        "none",
+        "passage",
+        "teacher-join3",
+        "qwen2.5-7b-join3",
+        "gpt-4.1-join3",
+        "seal-round2-join3",
+        "policy-r1-join3",
+    }
+    assert all(c.data == "all" and c.n == 3 for c in joined if c.self_edits)
+    assert by_name["policy-r1-join3"].policy_path == "/p"
+    assert edit_indices(by_name["teacher-join3"], 0) == [0, 1, 2]
+    # Rows without self-edits are the same rows (same digest: reused), the joined ones are new.
+    setup = Setup("student", "teacher")
+    digests = {c.name: plan_of(c, setup).digest for c in single if not c.policy}
+    assert plan_of(by_name["passage"], setup).digest == digests["passage"]
+    assert plan_of(by_name["qwen2.5-7b-join3"], setup).digest != digests["qwen2.5-7b"]
+    with pytest.raises(ValueError, match="--join must be at least 1"):
+        knowledge_conditions(TINY_LORA, EditFormat.IMPLICATIONS, join=0)
+
+
+def test_seal_bench_knowledge_join_trains_the_joined_completions_and_refuses_too_few(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["bench", "knowledge", "--model", str(tiny_model_dir), "--data", str(data_dir), "--out", str(out)]
+    argv += ["--passages", "2", "--epochs", "1", "--rank", "2", "--answer-tokens", "4"]
+    assert main([*argv, "--join", "2", "--conditions", "gpt-4.1-join2"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["condition"], r["edit_indices"]) for r in rows] == [("gpt-4.1-join2", [0, 1])] * 2
+    assert "2 self-edits joined" in (out / "table.md").read_text()
+    # The fixture's released files hold 2 completions per passage: joining 3 is refused before training.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--join", "3", "--conditions", "gpt-4.1-join3"])
+    assert exc.value.code == 2
+    assert "needs 3 self-edits per passage; the released file has 2" in capsys.readouterr().err
 
 
 def test_unknown_condition_names_are_refused(tmp_path: Path, data_dir: Path) -> None:
