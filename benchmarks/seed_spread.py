@@ -5,7 +5,10 @@ After `seal bench knowledge ... --conditions teacher --samples 2` has added a se
 their paired difference (the run-to-run spread) and a policy row's paired difference against each
 run and against their mean, with 95 % paired bootstrap intervals over passages:
 
-    .venv/bin/python benchmarks/seed_spread.py docs/results/knowledge/results.jsonl --policy policy-r1-cpu
+    .venv/bin/python benchmarks/seed_spread.py docs/results/knowledge/results.jsonl --policy policy-r1-cpu \
+        --pair teacher,passage --pair qwen2.5-7b,passage --pair teacher,qwen2.5-7b --pair policy-r1-cpu,qwen2.5-7b
+
+`--pair A,B` adds A's sample-0 row minus B's, paired over the passages both have.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ def _line(label: str, diffs: list[float]) -> str:
     return f"{label}: {100 * mean(diffs):+.1f} points (95 % {100 * low:+.1f} to {100 * high:+.1f})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path)
     p.add_argument("--policy", default="", help="a policy condition's name, compared with both runs")
-    args = p.parse_args()
+    p.add_argument("--pair", action="append", default=[], help="A,B: condition A minus condition B")
+    args = p.parse_args(argv)
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     teacher = [r for r in rows if r["condition"] == "teacher" and r["passage"] >= 0]
     if len({r["digest"] for r in teacher}) != 1:
@@ -47,7 +51,28 @@ def main() -> int:
             )
         both = [(seed0[i] + seed1[i]) / 2 for i in shared]
         print(_line(f"{args.policy} - mean of both", [t - b for t, b in zip(trained, both, strict=True)]))
+    for pair in args.pair:
+        a, sep, b = pair.partition(",")
+        if not sep:
+            raise SystemExit(f"--pair takes A,B (two condition names), got {pair!r}")
+        first, second = (_sample0(rows, name) for name in (a, b))
+        shared = sorted(set(first) & set(second))
+        if not shared:
+            raise SystemExit(f"--pair {pair}: no passage has both rows")
+        print(_line(f"{a} - {b} ({len(shared)} passages)", [first[q] - second[q] for q in shared]))
     return 0
+
+
+def _sample0(rows: list[dict], condition: str) -> dict[int, float]:
+    """A condition's sample-0 accuracy per passage (single-passage rows only, of one recipe)."""
+    picked = [
+        r
+        for r in rows
+        if r["condition"] == condition and r["passage"] >= 0 and r["sample"] == 0 and not r.get("multidoc")
+    ]
+    if len({r["digest"] for r in picked}) > 1:
+        raise SystemExit(f"the {condition} rows come from more than one recipe: filter them first")
+    return {r["passage"]: r["accuracy"] for r in picked}
 
 
 if __name__ == "__main__":

@@ -408,15 +408,49 @@ def test_rest_em_job_trains_its_updates_with_the_epochs_asked_for(data_dir: Path
     ]
 
 
-def _one_host():  # noqa: ANN202
+def _benchmark(name: str):  # noqa: ANN202
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rest_em_one_host.py"
-    spec = importlib.util.spec_from_file_location("rest_em_one_host", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _one_host():  # noqa: ANN202
+    return _benchmark("rest_em_one_host")
+
+
+def test_seed_spread_pairs_two_conditions_over_the_passages_both_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def row(condition: str, passage: int, accuracy: float, sample: int = 0, digest: str = "d") -> dict:
+        return {
+            "condition": condition,
+            "passage": passage,
+            "sample": sample,
+            "accuracy": accuracy,
+            "digest": digest,
+        }
+
+    rows = [row("teacher", p, 0.2 * p) for p in range(3)] + [
+        row("teacher", p, 0.2, sample=1) for p in range(3)
+    ]
+    rows += [row("qwen", 0, 0.5), row("qwen", 1, 0.5), row("qwen", 1, 0.0, sample=1)]  # no passage 2
+    rows.append({**row("qwen", -1, 1.0), "multidoc": True})  # the CPT row: never paired
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spread = _benchmark("seed_spread")
+    assert spread.main([str(results), "--pair", "qwen,teacher"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 1 - seed 0 (run-to-run): +0.0 points" in out
+    # Passages 0 and 1: (0.5 - 0.0 + 0.5 - 0.2) / 2 = +0.4.
+    assert "qwen - teacher (2 passages): +40.0 points" in out
+    results.write_text(results.read_text() + json.dumps(row("qwen", 2, 0.0, digest="other")) + "\n")
+    with pytest.raises(SystemExit, match="the qwen rows come from more than one recipe"):
+        spread.main([str(results), "--pair", "qwen,teacher"])
 
 
 def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold() -> None:
