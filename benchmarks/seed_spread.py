@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from seal.bench.report import bootstrap_interval, mean
@@ -33,24 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     teacher = [r for r in rows if r["condition"] == "teacher" and r["passage"] >= 0]
-    if len({r["digest"] for r in teacher}) != 1:
-        raise SystemExit("the teacher rows come from more than one recipe: filter them first")
-    acc = {(r["passage"], r["sample"]): r["accuracy"] for r in teacher}
-    passages = sorted(p for p, s in acc if s == 1 and (p, 0) in acc)
-    seed0 = [acc[(p, 0)] for p in passages]
-    seed1 = [acc[(p, 1)] for p in passages]
-    print(f"{len(passages)} passages: seed 0 {100 * mean(seed0):.1f} %, seed 1 {100 * mean(seed1):.1f} %")
-    print(_line("seed 1 - seed 0 (run-to-run)", [b - a for a, b in zip(seed0, seed1, strict=True)]))
-    if args.policy:
-        policy = {r["passage"]: r["accuracy"] for r in rows if r["condition"] == args.policy}
-        shared = [i for i, p in enumerate(passages) if p in policy]
-        trained = [policy[passages[i]] for i in shared]
-        for label, base in (("seed 0", seed0), ("seed 1", seed1)):
-            print(
-                _line(f"{args.policy} - {label}", [t - base[i] for t, i in zip(trained, shared, strict=True)])
-            )
-        both = [(seed0[i] + seed1[i]) / 2 for i in shared]
-        print(_line(f"{args.policy} - mean of both", [t - b for t, b in zip(trained, both, strict=True)]))
+    if teacher or args.policy:
+        _spread(rows, teacher, args.policy)
     for pair in args.pair:
         a, sep, b = pair.partition(",")
         if not sep:
@@ -63,15 +48,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _spread(rows: list[dict], teacher: list[dict], policy_name: str) -> None:
+    """The untrained row's seed 1 against seed 0, and `policy_name`'s row against each seed."""
+    if not teacher:
+        raise SystemExit("no 'teacher' rows: --policy compares with the untrained row's two seeds")
+    if len({r["digest"] for r in teacher}) != 1:
+        raise SystemExit("the teacher rows come from more than one recipe: filter them first")
+    acc = {(r["passage"], r["sample"]): r["accuracy"] for r in teacher}
+    passages = sorted(p for p, s in acc if s == 1 and (p, 0) in acc)
+    seed0 = [acc[(p, 0)] for p in passages]
+    seed1 = [acc[(p, 1)] for p in passages]
+    print(f"{len(passages)} passages: seed 0 {100 * mean(seed0):.1f} %, seed 1 {100 * mean(seed1):.1f} %")
+    print(_line("seed 1 - seed 0 (run-to-run)", [b - a for a, b in zip(seed0, seed1, strict=True)]))
+    if policy_name:
+        policy = _sample0(rows, policy_name)
+        shared = [i for i, p in enumerate(passages) if p in policy]
+        trained = [policy[passages[i]] for i in shared]
+        for label, base in (("seed 0", seed0), ("seed 1", seed1)):
+            print(
+                _line(f"{policy_name} - {label}", [t - base[i] for t, i in zip(trained, shared, strict=True)])
+            )
+        both = [(seed0[i] + seed1[i]) / 2 for i in shared]
+        print(_line(f"{policy_name} - mean of both", [t - b for t, b in zip(trained, both, strict=True)]))
+
+
 def _sample0(rows: list[dict], condition: str) -> dict[int, float]:
-    """A condition's sample-0 accuracy per passage (single-passage rows only, of one recipe)."""
+    """A condition's sample-0 accuracy per passage (single-passage rows only). Rows of one recipe
+    only: where a condition has rows under several digests (an older recipe, or a policy once keyed
+    by its path), the digest with the most passages is kept and the others are said to be left out."""
     picked = [
         r
         for r in rows
         if r["condition"] == condition and r["passage"] >= 0 and r["sample"] == 0 and not r.get("multidoc")
     ]
-    if len({r["digest"] for r in picked}) > 1:
-        raise SystemExit(f"the {condition} rows come from more than one recipe: filter them first")
+    counts = Counter(r["digest"] for r in picked)
+    if len(counts) > 1:
+        (kept, _), *others = counts.most_common()
+        left = sum(n for _, n in others)
+        print(f"({condition}: {left} row(s) of another recipe left out, digest {kept} kept)")
+        picked = [r for r in picked if r["digest"] == kept]
     return {r["passage"]: r["accuracy"] for r in picked}
 
 
