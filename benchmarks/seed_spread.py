@@ -8,7 +8,8 @@ run and against their mean, with 95 % paired bootstrap intervals over passages:
     .venv/bin/python benchmarks/seed_spread.py docs/results/knowledge/results.jsonl --policy policy-r1-cpu \
         --pair teacher,passage --pair qwen2.5-7b,passage --pair teacher,qwen2.5-7b --pair policy-r1-cpu,qwen2.5-7b
 
-`--pair A,B` adds A's sample-0 row minus B's, paired over the passages both have.
+`--pair A,B` adds A's sample-0 row minus B's, paired over the passages both have, with each row's
+mean over those passages.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         shared = sorted(set(first) & set(second))
         if not shared:
             raise SystemExit(f"--pair {pair}: no passage has both rows")
-        print(_line(f"{a} - {b} ({len(shared)} passages)", [first[q] - second[q] for q in shared]))
+        means = f"{100 * mean([first[q] for q in shared]):.1f} % against {100 * mean([second[q] for q in shared]):.1f} %"
+        print(_line(f"{a} - {b} ({len(shared)} passages, {means})", [first[q] - second[q] for q in shared]))
     return 0
 
 

@@ -447,13 +447,13 @@ def test_seed_spread_pairs_two_conditions_over_the_passages_both_have(
     out = capsys.readouterr().out
     assert "seed 1 - seed 0 (run-to-run): +0.0 points" in out
     # Passages 0 and 1: (0.5 - 0.0 + 0.5 - 0.2) / 2 = +0.4.
-    assert "qwen - teacher (2 passages): +40.0 points" in out
+    assert "qwen - teacher (2 passages, 50.0 % against 10.0 %): +40.0 points" in out
     # A row of another recipe (an older digest) is left out, and said to be.
     results.write_text(results.read_text() + json.dumps(row("qwen", 2, 1.0, digest="other")) + "\n")
     assert spread.main([str(results), "--pair", "qwen,teacher"]) == 0
     out = capsys.readouterr().out
     assert "(qwen: 1 row(s) of another recipe left out, digest d kept)" in out
-    assert "qwen - teacher (2 passages): +40.0 points" in out
+    assert "qwen - teacher (2 passages, 50.0 % against 10.0 %): +40.0 points" in out
     # A run without the untrained row (a --join table, say) still pairs its own rows.
     joined = tmp_path / "joined.jsonl"
     joined.write_text(
@@ -464,7 +464,10 @@ def test_seed_spread_pairs_two_conditions_over_the_passages_both_have(
     )
     capsys.readouterr()
     assert spread.main([str(joined), "--pair", "a,b"]) == 0
-    assert capsys.readouterr().out == "a - b (2 passages): +25.0 points (95 % +25.0 to +25.0)\n"
+    assert (
+        capsys.readouterr().out
+        == "a - b (2 passages, 50.0 % against 25.0 %): +25.0 points (95 % +25.0 to +25.0)\n"
+    )
 
 
 def test_one_host_rest_em_keeps_each_contexts_best_self_edit_above_the_threshold() -> None:
