@@ -783,6 +783,10 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     lora = recipe_from_args(args)
     policies = parse_policies(args.policy)
+    if args.join > 1 and args.samples > 1:
+        raise ValueError(
+            "--samples trains one-self-edit rows separately; with --join each row is one joined update"
+        )
     conditions = knowledge_conditions(lora, EditFormat(args.teacher_format), policies, args.join)
     conditions = with_prompts(select(conditions, args.conditions), print)
     items = load_eval_items(args.data, args.passages)

@@ -358,6 +358,9 @@ def test_seal_bench_knowledge_join_trains_the_joined_completions_and_refuses_too
         main([*argv, "--join", "3", "--conditions", "gpt-4.1-join3"])
     assert exc.value.code == 2
     assert "needs 3 self-edits per passage; the released file has 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--join", "2", "--samples", "2", "--conditions", "gpt-4.1-join2"])
+    assert "with --join each row is one joined update" in capsys.readouterr().err
 
 
 def test_unknown_condition_names_are_refused(tmp_path: Path, data_dir: Path) -> None:
