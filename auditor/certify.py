@@ -2,11 +2,11 @@
 
 A promotion adds a layer to what is served, so a verdict about one adapter alone is not enough: the
 SEAL paper's continual-learning experiment shows later updates erasing earlier ones. Before an alias
-moves, the auditor builds the version exactly as it will be served (each adapter merged into the
-weights in order, `seal.models.merge_adapters`), asks it the sign-off questions of every document the
-deployment has learned (one row of the documents x versions matrix), and measures retention against
-the base; the gateway compares the row with the parent version's. Pure: no Redis, no gRPC.
-"""
+moves, the auditor builds the version exactly as it will be served (for each prompt, the layers whose
+gates open for it, merged into the weights in order, `seal.models.merge_adapters`; an ungated version
+merges every layer), asks it the sign-off questions of every document the deployment has learned (one
+row of the documents x versions matrix), and measures retention against the base; the gateway
+compares the row with the parent version's. Pure: no Redis, no gRPC."""
 
 from __future__ import annotations
 
@@ -16,12 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from auditor.evaluation import evaluate_document
+from auditor.core import Retention
+from auditor.evaluation import evaluate_document, question_prompt, style_prompt
 from auditor.grading import accuracy
 from auditor.guardrails import CheckResult
-from auditor.retention import Continuation, continuation_batch, token_kl
+from auditor.retention import (
+    Continuation,
+    continuation_batch,
+    load_retention_set,
+    retention_correct,
+    token_kl,
+)
+from seal.gate import Gate, Routes
 from seal.models import merge_adapters
-from seal.records import Certificate, Document, DocumentAccuracy, LearnedDocument
+from seal.records import Certificate, Document, DocumentAccuracy, LearnedDocument, QuestionScore
 
 
 def kl_between(
@@ -48,14 +56,23 @@ def kl_between(
 
 @dataclasses.dataclass(frozen=True)
 class RetentionProbe:
-    """How the merged model's retention is measured, and the limits it must keep."""
+    """How the version's retention is measured, and the limits it must keep."""
 
-    measure: Any
-    """(model) -> (retention accuracy, KL shift to the base) on the auditor's retention set."""
-    baseline: float
-    """The base model's retention accuracy (computed once per auditor)."""
-    max_retention_drop: float
-    max_kl: float
+    retention: Retention
+    """The base's side (auditor.core.base_retention): questions, per-question results, KL prompts."""
+    answer_style: str = "chat"
+
+    @property
+    def baseline(self) -> float:
+        return self.retention.baseline
+
+    @property
+    def max_retention_drop(self) -> float:
+        return self.retention.max_drop
+
+    @property
+    def max_kl(self) -> float:
+        return self.retention.max_kl
 
 
 def certify(
@@ -71,14 +88,24 @@ def certify(
     metric: str = "contains",
     answer_style: str = "chat",
     retention: RetentionProbe | None = None,
+    gates: Sequence[Gate | None] | None = None,
 ) -> Certificate:
     """An unsigned certificate of the version made of `adapter_dirs` merged into `base_model` in order.
 
-    `base_model` is left untouched (the merge works on a copy). Every document in `documents` gets its
-    sign-off accuracy; with `retention`, the merged model's retention accuracy and KL shift are checked.
+    Each prompt is answered by the layers whose `gates` open for it (seal.gate; None: every layer,
+    one merged model), merged into a copy of `base_model`, which is left untouched. Every document in
+    `documents` gets its sign-off accuracy; with `retention`, the version's retention accuracy and KL
+    shift are checked, the prompts no layer opens for keeping the base's own results.
     """
     started = time.perf_counter()
-    model = merge_adapters(base_model, adapter_dirs)
+    gates = list(gates) if gates is not None else [None] * len(adapter_dirs)
+    if len(gates) != len(adapter_dirs):
+        raise ValueError(f"{len(gates)} gates for {len(adapter_dirs)} layers")
+
+    def build(layers: tuple[int, ...]) -> Any:
+        return merge_adapters(base_model, [adapter_dirs[i] for i in layers]) if layers else base_model
+
+    routes = Routes(gates, build, cache_size=2)
     try:
         rows = tuple(
             DocumentAccuracy(
@@ -86,12 +113,12 @@ def certify(
                 doc_index=doc.doc_index,
                 document_sha256=doc.document_sha256,
                 accuracy=accuracy(
-                    evaluate_document(
-                        model,
+                    routed_scores(
+                        routes,
                         tokenizer,
                         Document(title=doc.title, questions=doc.signoff_questions),
                         metric,
-                        style=answer_style,
+                        answer_style,
                     )
                 ),
             )
@@ -100,7 +127,7 @@ def certify(
         checks: list[CheckResult] = []
         retained, kl = 0.0, 0.0
         if retention is not None:
-            retained, kl = retention.measure(model)
+            retained, kl = routed_retention(routes, base_model, tokenizer, retention)
             drop = retention.baseline - retained
             checks.append(
                 CheckResult(
@@ -118,7 +145,7 @@ def certify(
                 )
             )
     finally:
-        del model
+        del routes
     return Certificate(
         deployment=deployment,
         version=version,
@@ -134,3 +161,52 @@ def certify(
         grading_metric=metric,
         eval_seconds=time.perf_counter() - started,
     )
+
+
+def routed_scores(
+    routes: Routes, tokenizer: Any, doc: Document, metric: str, answer_style: str
+) -> list[QuestionScore]:
+    """`doc`'s questions, each answered by the layers its prompt opens."""
+    prompts = [question_prompt(doc.title, qa.question, answer_style) for qa in doc.questions]
+    scores: list[QuestionScore | None] = [None] * len(prompts)
+    for layers, positions in routes.group(prompts).items():
+        asked = dataclasses.replace(doc, questions=tuple(doc.questions[i] for i in positions))
+        fresh = evaluate_document(routes.model(layers), tokenizer, asked, metric, style=answer_style)
+        for i, score in zip(positions, fresh, strict=True):
+            scores[i] = score
+    return [s for s in scores if s is not None]
+
+
+def routed_retention(
+    routes: Routes, base_model: Any, tokenizer: Any, probe: RetentionProbe
+) -> tuple[float, float]:
+    """(retention accuracy, KL shift to the base) of the routed version: the prompts no layer opens
+    for are the base's own (its cached per-question results, KL 0); the rest are asked again."""
+    retention, style = probe.retention, probe.answer_style
+    questions = retention.questions if retention.questions is not None else load_retention_set()
+    known = len(retention.baseline_correct) == len(questions)
+    correct = list(retention.baseline_correct) if known else [False] * len(questions)
+    prompts = [style_prompt(qa.question, style) for qa in questions]
+    for layers, positions in routes.group(prompts).items():
+        if layers or not known:
+            fresh = retention_correct(
+                routes.model(layers), tokenizer, [questions[i] for i in positions], style
+            )
+            for i, right in zip(positions, fresh, strict=True):
+                correct[i] = right
+    sequences = retention.sequences
+    # Without the prompts' texts every continuation goes through all the layers (no gate can be asked).
+    kl_prompts = retention.kl_prompts if len(retention.kl_prompts) == len(sequences) else None
+    groups = (
+        routes.group(kl_prompts)
+        if kl_prompts is not None
+        else {tuple(range(len(routes.gates))): list(range(len(sequences)))}
+    )
+    total_kl, tokens = 0.0, sum(len(c.ids) - c.prompt_len for c in sequences)
+    for layers, positions in groups.items():
+        if layers:
+            measured = [sequences[i] for i in positions]
+            weight = sum(len(c.ids) - c.prompt_len for c in measured)
+            total_kl += kl_between(base_model, routes.model(layers), tokenizer, measured) * weight
+    accuracy_after = sum(correct) / len(correct) if correct else 0.0
+    return accuracy_after, total_kl / tokens if tokens else 0.0

@@ -15,7 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from auditor.evaluation import VLLMModel, evaluate_document, load_adapter, unload_adapter
+from auditor.evaluation import (
+    VLLMModel,
+    evaluate_document,
+    load_adapter,
+    question_prompt,
+    style_prompt,
+    unload_adapter,
+)
 from auditor.grading import GRADING_METRICS, JUDGE_METRIC, accuracy, reward
 from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP, CheckResult, run_guardrails
 from auditor.judge import Judge, judge_scores
@@ -26,9 +33,11 @@ from auditor.retention import (
     load_kl_prompts,
     load_retention_set,
     retention_accuracy,
+    retention_correct,
 )
 from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
+from seal.gate import Gate, document_gate, partition
 from seal.records import FORGETTING_UNCHECKED, QA, Document, QuestionScore, SelfEdit, Verdict
 
 REWARD_ONLY_DETAIL = (
@@ -85,6 +94,10 @@ def audit(
     `model_lock` (the caller's lock on `base_model`, so that several audits can answer at once).
     `reward_only` (a policy-training round's E-step, which needs τ alone): pass no `retention`; the
     verdict carries a failed FORGETTING_UNCHECKED check, so it can never be promoted.
+
+    The adapter is judged as it will be served: behind the gate of `doc` that the self-edit's
+    `lora.gate` sets (seal.gate), every question and general prompt the gate stays closed for is
+    answered by the base, so it keeps the base's score (reused, not asked again) and adds no KL.
     """
     if reward_only and retention is not None:
         raise ValueError("a reward-only audit measures no retention: pass retention=None")
@@ -107,6 +120,7 @@ def audit(
     elif judge is not None:
         baseline_scores = judge_scores(judge, baseline_scores, metric)
     signoff_doc = dataclasses.replace(doc, questions=doc.signoff_questions)
+    gate = document_gate(doc.title, doc.context, self_edit.lora.gate)
     if doc.signoff_questions and signoff_baseline is None:
         signoff_baseline = evaluate_document(
             asker, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
@@ -119,32 +133,26 @@ def audit(
         adapted,
         peft_model,
     ):
-        adapted_scores = evaluate_document(
-            adapted, tokenizer, doc, metric, max_new_tokens, style=answer_style, judge=judge
-        )
-        # The sign-off questions: scored for the verdict that gates promotion, never for the reward.
-        signoff_scores = (
-            evaluate_document(
-                adapted, tokenizer, signoff_doc, metric, max_new_tokens, style=answer_style, judge=judge
+
+        def ask(document: Document, baseline: list[QuestionScore]) -> list[QuestionScore]:
+            return gated_scores(
+                gate, adapted, tokenizer, document, baseline, metric, max_new_tokens, answer_style, judge
             )
-            if doc.signoff_questions
-            else []
-        )
+
+        adapted_scores = ask(doc, baseline_scores)
+        # The sign-off questions: scored for the verdict that gates promotion, never for the reward.
+        signoff_scores = ask(signoff_doc, signoff_baseline or []) if doc.signoff_questions else []
         retention_after = (
-            retention_accuracy(adapted, tokenizer, retention.questions, style=answer_style)
+            gated_retention(gate, adapted, tokenizer, retention, answer_style)
             if retention is not None
             else None
         )
-        kl = (
-            kl_shift(peft_model, tokenizer, retention.sequences)
-            if retention is not None and kl_here
-            else None
-        )
+        kl = gated_kl(gate, peft_model, tokenizer, retention) if retention is not None and kl_here else None
     if retention is not None and not kl_here:
         with model_lock:
             peft_model = load_adapter(base_model, Path(adapter_dir))
             try:
-                kl = kl_shift(peft_model, tokenizer, retention.sequences)
+                kl = gated_kl(gate, peft_model, tokenizer, retention)
             finally:
                 unload_adapter(peft_model)
 
@@ -221,6 +229,68 @@ def adapted_models(
             unload_adapter(peft_model)
 
 
+def gated_scores(
+    gate: Gate | None,
+    adapted: Any,
+    tokenizer: Any,
+    doc: Document,
+    baseline: list[QuestionScore],
+    metric: str,
+    max_new_tokens: int | None,
+    style: str,
+    judge: Judge | None,
+) -> list[QuestionScore]:
+    """`doc`'s questions as the gated adapter answers them: those its gate opens for asked to
+    `adapted`, the rest keeping their `baseline` score (the base answers them)."""
+    prompts = [question_prompt(doc.title, qa.question, style) for qa in doc.questions]
+    opened, _ = partition(gate, prompts)
+    scores = list(baseline)
+    if len(opened) == len(prompts):
+        return evaluate_document(adapted, tokenizer, doc, metric, max_new_tokens, style=style, judge=judge)
+    if opened:
+        asked = dataclasses.replace(doc, questions=tuple(doc.questions[i] for i in opened))
+        fresh = evaluate_document(adapted, tokenizer, asked, metric, max_new_tokens, style=style, judge=judge)
+        for i, score in zip(opened, fresh, strict=True):
+            scores[i] = score
+    return scores
+
+
+def gated_retention(
+    gate: Gate | None, adapted: Any, tokenizer: Any, retention: Retention, style: str
+) -> float:
+    """Retention accuracy of the gated adapter: only the questions its gate opens for are asked again
+    (needs the base's per-question results; without them every question is asked)."""
+    questions = retention.questions if retention.questions is not None else load_retention_set()
+    opened, _ = partition(gate, [style_prompt(qa.question, style) for qa in questions])
+    if gate is None or len(retention.baseline_correct) != len(questions):
+        return retention_accuracy(adapted, tokenizer, questions, style=style)
+    correct = list(retention.baseline_correct)
+    if opened:
+        fresh = retention_correct(adapted, tokenizer, [questions[i] for i in opened], style)
+        for i, right in zip(opened, fresh, strict=True):
+            correct[i] = right
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def gated_kl(gate: Gate | None, peft_model: Any, tokenizer: Any, retention: Retention) -> float:
+    """Mean per-token KL shift of the gated adapter over all the continuations: the prompts its gate
+    stays closed for are answered by the base itself and add exactly 0 (without the prompts' texts,
+    every continuation is measured)."""
+    sequences = retention.sequences
+    if gate is None or len(retention.kl_prompts) != len(sequences):
+        return kl_shift(peft_model, tokenizer, sequences)
+    opened, _ = partition(gate, retention.kl_prompts)
+    if not opened:
+        return 0.0
+    measured = [sequences[i] for i in opened]
+
+    def tokens(rows: list[Continuation] | tuple[Continuation, ...]) -> int:
+        return sum(len(c.ids) - c.prompt_len for c in rows)
+
+    total = tokens(sequences)
+    return kl_shift(peft_model, tokenizer, measured) * tokens(measured) / total if total else 0.0
+
+
 def signoff_check(before: float, after: float, questions: int) -> CheckResult:
     """Passes when the update answers more of the held-out sign-off questions than the base did."""
     detail = (
@@ -241,6 +311,10 @@ class Retention:
     questions: tuple[QA, ...] | None = None
     """The retention questions `baseline` was measured on, asked again after the update; None: the
     whole retention set."""
+    baseline_correct: tuple[bool, ...] = ()
+    """The base's result on each of `questions` (what a gated adapter's closed questions keep)."""
+    kl_prompts: tuple[str, ...] = ()
+    """The general prompts `sequences` continue, in order (what a gate is asked about)."""
 
 
 def base_retention(
@@ -256,12 +330,16 @@ def base_retention(
     `vllm_base` the retention questions are answered there (as the adapted model's will be).
     `questions` > 0 keeps only the first that many of the retention set (cheaper, coarser)."""
     asked = load_retention_set()[:questions] if questions > 0 else load_retention_set()
+    correct = retention_correct(vllm_base or base_model, tokenizer, asked, style=answer_style)
+    prompts = load_kl_prompts()
     return Retention(
-        baseline=retention_accuracy(vllm_base or base_model, tokenizer, asked, style=answer_style),
-        sequences=tuple(base_continuations(base_model, tokenizer, load_kl_prompts())),
+        baseline=sum(correct) / len(correct) if correct else 0.0,
+        sequences=tuple(base_continuations(base_model, tokenizer, prompts)),
         max_drop=max_drop,
         max_kl=max_kl,
         questions=asked,
+        baseline_correct=tuple(correct),
+        kl_prompts=tuple(prompts),
     )
 
 

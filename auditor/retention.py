@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from auditor.evaluation import VLLMModel, cut_answer, style_prompt, vllm_answers
-from auditor.grading import accuracy, answer_contained, grade_answer, normalize_answer
+from auditor.grading import answer_contained, grade_answer, normalize_answer
 from seal.models import render_prompt
 from seal.records import QA
 
@@ -84,11 +84,24 @@ def retention_accuracy(
     The default model scores exactly 1.0 on the shipped set (it was filtered so, in these batches).
     """
     questions = load_retention_set() if questions is None else tuple(questions)
+    correct = retention_correct(model, tokenizer, questions, style, max_new_tokens, batch_size)
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def retention_correct(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[QA],
+    style: str = "chat",
+    max_new_tokens: int = RETENTION_MAX_NEW_TOKENS,
+    batch_size: int = RETENTION_BATCH_SIZE,
+) -> list[bool]:
+    """Whether each of `questions` is answered right, as `retention_accuracy` grades it."""
     prompts = [style_prompt(qa.question, style) for qa in questions]
     golds = [(qa.answer,) for qa in questions]
     responses = answer_until_gold(model, tokenizer, prompts, golds, max_new_tokens, batch_size, style)
     scores = [grade_answer(qa.question, qa.answer, r) for qa, r in zip(questions, responses, strict=True)]
-    return accuracy(scores)
+    return [s.correct for s in scores]
 
 
 def answer_until_gold(

@@ -16,12 +16,11 @@ from typing import Any
 
 import grpc
 
-from auditor.certify import RetentionProbe, certify, kl_between
+from auditor.certify import RetentionProbe, certify
 from auditor.core import Retention, audit, base_retention, check_grading_metric
 from auditor.evaluation import VLLMModel, evaluate_document
 from auditor.guardrails import MAX_KL, MAX_RETENTION_DROP
 from auditor.judge import Judge, LLMJudge, RedisJudgeCache, resolve_api_key
-from auditor.retention import retention_accuracy
 from seal import convert, metrics
 from seal.config import ServiceConfig
 from seal.errors import InvalidArgument, NotFound
@@ -193,6 +192,7 @@ class AuditorEngine:
                 metric=self.metric,
                 answer_style=self.answer_style,
                 retention=self._retention_probe(),
+                gates=[doc.gate() for doc in task.documents],
             )
         return self.signer.sign_certificate(certificate, ttl_s=self.verdict_ttl_s)
 
@@ -212,13 +212,7 @@ class AuditorEngine:
         return self._retention
 
     def _retention_probe(self) -> RetentionProbe:
-        retention = self._base_retention()
-
-        def measure(model: Any) -> tuple[float, float]:
-            kept = retention_accuracy(model, self.tokenizer, retention.questions, style=self.answer_style)
-            return kept, kl_between(self.model, model, self.tokenizer, retention.sequences)
-
-        return RetentionProbe(measure, retention.baseline, retention.max_drop, retention.max_kl)
+        return RetentionProbe(self._base_retention(), self.answer_style)
 
     def _baseline(self, doc: Document) -> list[QuestionScore]:
         judge_model = self.judge.model if self.judge is not None else ""

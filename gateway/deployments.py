@@ -45,6 +45,7 @@ from gateway.events import NotRecordedYet, expected_for
 from gateway.jobs import JobStore
 from seal.digests import document_sha256
 from seal.errors import FailedPrecondition, InvalidArgument, NotFound, Refused
+from seal.gate import Gate, document_gate
 from seal.records import (
     FORGETTING_UNCHECKED,
     Alias,
@@ -61,7 +62,13 @@ from seal.records import (
     from_json,
     to_json,
 )
-from seal.signing import TrustedKeys, VerdictRejected, check_verdict, version_fingerprint
+from seal.signing import (
+    TrustedKeys,
+    VerdictRejected,
+    check_verdict,
+    layer_gate_sha256s,
+    version_fingerprint,
+)
 from seal.tasks import encode
 from seal.workplane import Task, WorkPlane
 
@@ -81,6 +88,11 @@ _FINISH_ATTEMPTS = 20
 
 class PromotionRefused(Refused):
     """A promotion the registry will not make; `code` names the check that refused it."""
+
+
+def gate_fields(gate: Gate | None) -> dict[str, Any]:
+    """A LearnedDocument's gate fields for `gate` (none: an ungated layer)."""
+    return {"gate_words": gate.words, "gate_min_hits": gate.min_hits} if gate is not None else {}
 
 
 def check_name(name: str) -> str:
@@ -124,6 +136,11 @@ def certificate_problem(version: DeploymentVersion, certificate: Certificate) ->
         if layer.document is not None
     }
     got_docs = {(d.job_id, d.doc_index, d.document_sha256) for d in certificate.documents}
+    shas = [layer.adapter.sha256 for layer in version.layers if layer.adapter is not None]
+    if version.layers and version.fingerprint != version_fingerprint(
+        version.base_fingerprint, shas, layer_gate_sha256s(version.layers)
+    ):
+        return "the version's fingerprint is not that of its layers and gates (an edited record?)"
     checks = (
         ("deployment", certificate.deployment, version.deployment),
         ("version", certificate.version, version.version),
@@ -343,6 +360,8 @@ class DeploymentStore:
             title=doc.title,
             document_sha256=document_sha256(doc),
             signoff_questions=doc.signoff_questions,
+            # The gate the verdict was judged behind: the same document, the self-edit's own setting.
+            **gate_fields(document_gate(doc.title, doc.context, edit.self_edit.lora.gate)),
         )
         layer = Layer(
             adapter=adapter,
@@ -358,7 +377,9 @@ class DeploymentStore:
             version=number,
             parent=parent.version,
             fingerprint=version_fingerprint(
-                deployment.base_fingerprint, [x.adapter.sha256 for x in layers if x.adapter]
+                deployment.base_fingerprint,
+                [x.adapter.sha256 for x in layers if x.adapter],
+                layer_gate_sha256s(layers),
             ),
             base_fingerprint=deployment.base_fingerprint,
             layers=layers,

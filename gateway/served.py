@@ -11,12 +11,17 @@ files are fetched from a registered student and checked against their manifest d
 that fails any of this is never loaded. Expiry is not re-checked here: it gates promotion, and a
 served model does not stop answering the day its verdict would have expired.
 
+Each request is answered by the layers whose gates open for its text (seal.gate): a version of its
+own, made of those layers and fingerprinted as such, loaded and cached like any version; no layer
+open, the base model. An ungated version is served whole, as before.
+
 Two ways to serve a verified version: merged into a copy of the base model in this process
 (transformers, the default), or as one LoRA of a vLLM server (`VLLMLoras`, --serve-backend vllm).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,9 +37,10 @@ from typing import Any
 from gateway.deployments import ALIASES, DeploymentStore, certificate_problem, check_name
 from gateway.serving import Resolution, ServedModel, VLLMBackend
 from seal.errors import FailedPrecondition, NotFound
+from seal.gate import route
 from seal.models import merge_adapters, read_lora, stack_loras, write_lora
 from seal.records import AdapterRef, DeploymentVersion, VersionState
-from seal.signing import TrustedKeys, VerdictRejected
+from seal.signing import TrustedKeys, VerdictRejected, layer_gate_sha256s, version_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,21 @@ def parse_model_name(name: str) -> tuple[str, str, int | None]:
     if alias not in ALIASES:
         raise NotFound(f"The model {name!r} does not exist: aliases are {', '.join(ALIASES)}")
     return deployment, alias, version
+
+
+def routed_version(version: DeploymentVersion, prompt: str) -> DeploymentVersion:
+    """The part of a (verified) `version` that answers `prompt`: the layers whose gates open for it
+    (seal.gate), as a version of its own with its own fingerprint; `version` itself when every layer
+    applies (an ungated version always)."""
+    with_adapter = [layer for layer in version.layers if layer.adapter is not None]
+    gates = [layer.document.gate() if layer.document is not None else None for layer in with_adapter]
+    layers = tuple(with_adapter[i] for i in route(gates, prompt))
+    if len(layers) == len(with_adapter):
+        return version
+    fingerprint = version_fingerprint(
+        version.base_fingerprint, [x.adapter.sha256 for x in layers if x.adapter], layer_gate_sha256s(layers)
+    )
+    return dataclasses.replace(version, layers=layers, fingerprint=fingerprint)
 
 
 def verify_version(version: DeploymentVersion, keys: TrustedKeys) -> None:
@@ -207,7 +228,7 @@ class DeploymentModels:
             names += [f"{d.name}@{v.version}" for v in d.versions if v.state is VersionState.PROMOTED]
         return names
 
-    def resolve(self, name: str) -> Resolution:
+    def resolve(self, name: str, prompt: str = "") -> Resolution:
         if name == BASE_MODEL:
             if self.vllm is not None:
                 return Resolution(self.vllm.base(name, "base"))
@@ -224,7 +245,7 @@ class DeploymentModels:
                 raise NotFound(
                     f"The model {name!r} does not exist: version {number} was {version.state.value}"
                 )
-        served = self._served(name, version)
+        served = self._served(name, version, prompt)
         shadow = None
         if alias == "production" and number is None:
             try:
@@ -233,7 +254,7 @@ class DeploymentModels:
                 shadow_version = None
             if shadow_version is not None and shadow_version.fingerprint != version.fingerprint:
                 try:
-                    shadow = self._served(f"{deployment}:shadow", shadow_version)
+                    shadow = self._served(f"{deployment}:shadow", shadow_version, prompt)
                 except Exception:  # noqa: BLE001 - a broken shadow never stops production answering
                     log.exception("shadow model not loaded", extra={"model": name})
         return Resolution(served, shadow)
@@ -252,10 +273,14 @@ class DeploymentModels:
             plane.key("shadow-log"), {"entry": json.dumps(entry)}, maxlen=SHADOW_LOG_CAP, approximate=True
         )
 
-    def _served(self, name: str, version: DeploymentVersion) -> ServedModel:
+    def _served(self, name: str, version: DeploymentVersion, prompt: str = "") -> ServedModel:
         # Verified on every request, not only when loaded: the cache is keyed by the fingerprint, and
         # a record edited in Redis under the same fingerprint must not inherit a loaded model.
         verify_version(version, self.keys)
+        version = routed_version(version, prompt)
+        if not version.layers:
+            # No layer's gate opens for this prompt: the base model answers it.
+            return self._base_served(name, version.fingerprint)
         if self.vllm is not None:
             return self.vllm.served(name, version, lambda: self._adapter_dirs(version))
         with self._lock:
@@ -275,6 +300,12 @@ class DeploymentModels:
             self._models.move_to_end(version.fingerprint)
         merged, tokenizer, lock = cached
         return ServedModel(name, merged, tokenizer, version.fingerprint, lock=lock)
+
+    def _base_served(self, name: str, fingerprint: str) -> ServedModel:
+        if self.vllm is not None:
+            return self.vllm.base(name, fingerprint)
+        model, tokenizer = self._base_model()
+        return ServedModel(name, model, tokenizer, fingerprint, lock=self._base_lock)
 
     def _adapter_dirs(self, version: DeploymentVersion) -> list[Path]:
         return [self.fetch(layer.adapter) for layer in version.layers if layer.adapter is not None]

@@ -101,8 +101,9 @@ class ModelResolver(Protocol):
         """The names GET /v1/models lists."""
         ...
 
-    def resolve(self, name: str) -> Resolution:
-        """The model (and shadow, if any) serving `name`; NotFound for an unknown deployment/version."""
+    def resolve(self, name: str, prompt: str = "") -> Resolution:
+        """The model (and shadow, if any) serving `name` for `prompt` (the text a deployment's gates
+        are asked about, seal.gate); NotFound for an unknown deployment/version."""
         ...
 
     def log_shadow(self, name: str, request: dict[str, Any], answer: str, shadow_answer: str) -> None:
@@ -121,7 +122,7 @@ class StaticModels:
     def list_models(self) -> list[str]:
         return list(self.models)
 
-    def resolve(self, name: str) -> Resolution:
+    def resolve(self, name: str, prompt: str = "") -> Resolution:
         served = self.models.get(name)
         if served is None:
             raise NotFound(f"The model {name!r} does not exist; this server has {', '.join(self.models)}")
@@ -167,6 +168,11 @@ class GenerationRequest:
     @property
     def chat(self) -> bool:
         return bool(self.messages)
+
+    @property
+    def gate_text(self) -> str:
+        """What a deployment's gates read (seal.gate): every message's content, or the prompt."""
+        return "\n".join(m["content"] for m in self.messages) if self.messages else self.prompt
 
 
 def parse_chat_request(body: Any, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> GenerationRequest:
@@ -812,7 +818,7 @@ def serving_routes(
         return await answer(parse_completion_request(body, max_tokens_limit), body)
 
     async def answer(request: GenerationRequest, body: dict[str, Any]) -> Response:
-        resolution = await run_in_threadpool(resolver.resolve, request.model)
+        resolution = await run_in_threadpool(resolver.resolve, request.model, request.gate_text)
         served = resolution.model
         prepared = await run_in_threadpool(prepare, served, request)
         reply = Reply.new(served, request.chat)

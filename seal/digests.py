@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from seal import convert
+from seal.gate import DEFAULT_MIN_HITS
 from seal.records import AdapterFile, Document, SelfEdit, file_sha256
 from seal.v1 import types_pb2
 
@@ -20,8 +21,14 @@ def message_sha256(message: object) -> str:
 
 
 def self_edit_sha256(self_edit: SelfEdit) -> str:
-    """Digest of everything a self-edit trains on and directs (text, lines, format, LoRA settings)."""
-    return message_sha256(convert.to_pb(self_edit, types_pb2.SelfEdit))
+    """Digest of everything a self-edit trains on and directs (text, lines, format, LoRA settings).
+
+    The LoRA gate at its default is left out, as if unset (an unset gate reads as the default): a
+    self-edit recorded before gates existed keeps its digest, and its verdicts still verify."""
+    msg = convert.to_pb(self_edit, types_pb2.SelfEdit)
+    if msg.lora.HasField("gate") and msg.lora.gate == DEFAULT_MIN_HITS:
+        msg.lora.ClearField("gate")
+    return message_sha256(msg)
 
 
 def document_sha256(doc: Document) -> str:

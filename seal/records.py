@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from seal.gate import DEFAULT_MIN_HITS, Gate
+
 T = TypeVar("T")
 
 
@@ -102,6 +104,9 @@ class LoraSettings:
     replay: int = 0
     # Weight of a KL(base || adapted) penalty on general prompts added to the loss (0: none).
     kl_weight: float = 0.0
+    # Gate (seal.gate): the adapter applies only to prompts holding at least this many distinct content
+    # words of its document, the base answering the rest; 0: it applies to every prompt.
+    gate: int = DEFAULT_MIN_HITS
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,12 @@ class LearnedDocument:
     title: str = ""
     document_sha256: str = ""
     signoff_questions: tuple[QA, ...] = ()
+    # The layer's gate (seal.gate); gate_min_hits 0: the layer applies to every prompt.
+    gate_words: tuple[str, ...] = ()
+    gate_min_hits: int = 0
+
+    def gate(self) -> Gate | None:
+        return Gate(self.gate_words, self.gate_min_hits) if self.gate_min_hits else None
 
 
 @dataclass(frozen=True)

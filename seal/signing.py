@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -107,9 +107,26 @@ class VerdictSigner:
         )
 
 
-def version_fingerprint(base_fingerprint: str, adapter_sha256s: Sequence[str]) -> str:
-    """The identity of a deployment version: its base and its adapters, in the order they are merged."""
-    return hashlib.sha256("\n".join((base_fingerprint, *adapter_sha256s)).encode()).hexdigest()
+def version_fingerprint(
+    base_fingerprint: str, adapter_sha256s: Sequence[str], gate_sha256s: Sequence[str] = ()
+) -> str:
+    """The identity of a deployment version: its base and its adapters, in the order they are merged,
+    and each layer's gate digest ("" for an ungated layer; a version without gates keeps the identity
+    it had before gates existed)."""
+    lines = [base_fingerprint, *adapter_sha256s]
+    if any(gate_sha256s):
+        lines += [f"gate {sha}" for sha in gate_sha256s]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def layer_gate_sha256s(layers: Sequence[Any]) -> list[str]:
+    """The gate digests `version_fingerprint` takes, of a version's layers (seal.records.Layer)."""
+    gates = [
+        layer.document.gate() if layer.document is not None else None
+        for layer in layers
+        if layer.adapter is not None
+    ]
+    return [gate.sha256() if gate is not None else "" for gate in gates]
 
 
 def key_id_of(public_key: bytes) -> str:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from seal.errors import InvalidArgument
+from seal.gate import MAX_MIN_HITS
 from seal.records import Document, EditFormat, JobSpec, LoraSettings, SamplingSettings
 
 # The linear layers LoRA may target in the Llama-family models seal serves (SmolLM2, Qwen2.5, Llama):
@@ -70,6 +71,7 @@ def validate_lora(lora: LoraSettings, prefix: str = "lora") -> None:
     check_int_range(f"{prefix}.seed", lora.seed, 0, 2**31 - 1)
     check_int_range(f"{prefix}.replay", lora.replay, 0, 256)
     check_range(f"{prefix}.kl_weight", lora.kl_weight, 0, 100)
+    check_int_range(f"{prefix}.gate", lora.gate, 0, MAX_MIN_HITS)
     if lora.schedule not in SCHEDULES:
         raise InvalidArgument(
             f"{prefix}.schedule", f"must be one of {', '.join(SCHEDULES)}, got {lora.schedule!r}"

@@ -148,6 +148,7 @@ class LoraSettings(_message.Message):
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     REPLAY_FIELD_NUMBER: _builtins.int
     KL_WEIGHT_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     alpha: _builtins.float
     learning_rate: _builtins.float
@@ -165,6 +166,11 @@ class LoraSettings(_message.Message):
     """
     kl_weight: _builtins.float
     """KL penalty: weight of KL(base || adapted) on general prompts added to the loss (0: none)."""
+    gate: _builtins.int
+    """Gate: the adapter applies only to prompts holding at least this many distinct content words of its
+    document (title and passage), the base model answering every other prompt; 0: it applies to every
+    prompt. Unset: 2.
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -182,10 +188,11 @@ class LoraSettings(_message.Message):
         max_grad_norm: _builtins.float | None = ...,
         replay: _builtins.int | None = ...,
         kl_weight: _builtins.float | None = ...,
+        gate: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_kl_weight", b"_kl_weight", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_replay", b"_replay", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "kl_weight", b"kl_weight", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "replay", b"replay", "schedule", b"schedule", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_gate", b"_gate", "_kl_weight", b"_kl_weight", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_replay", b"_replay", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "gate", b"gate", "kl_weight", b"kl_weight", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "replay", b"replay", "schedule", b"schedule", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_kl_weight", b"_kl_weight", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_replay", b"_replay", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "kl_weight", b"kl_weight", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "replay", b"replay", "schedule", b"schedule", "seed", b"seed", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_gate", b"_gate", "_kl_weight", b"_kl_weight", "_learning_rate", b"_learning_rate", "_max_grad_norm", b"_max_grad_norm", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_replay", b"_replay", "_schedule", b"_schedule", "_seed", b"_seed", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "gate", b"gate", "kl_weight", b"kl_weight", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "rank", b"rank", "replay", b"replay", "schedule", b"schedule", "seed", b"seed", "target_modules", b"target_modules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -193,6 +200,8 @@ class LoraSettings(_message.Message):
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__gate: _TypeAlias = _typing.Literal["gate"]  # noqa: Y015
+    _WhichOneofArgType__gate: _TypeAlias = _typing.Literal["_gate", b"_gate"]  # noqa: Y015
     _WhichOneofReturnType__kl_weight: _TypeAlias = _typing.Literal["kl_weight"]  # noqa: Y015
     _WhichOneofArgType__kl_weight: _TypeAlias = _typing.Literal["_kl_weight", b"_kl_weight"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
@@ -215,6 +224,8 @@ class LoraSettings(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gate) -> _WhichOneofReturnType__gate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__kl_weight) -> _WhichOneofReturnType__kl_weight | None: ...
     @_typing.overload
@@ -727,13 +738,23 @@ class LearnedDocument(_message.Message):
     TITLE_FIELD_NUMBER: _builtins.int
     DOCUMENT_SHA256_FIELD_NUMBER: _builtins.int
     SIGNOFF_QUESTIONS_FIELD_NUMBER: _builtins.int
+    GATE_WORDS_FIELD_NUMBER: _builtins.int
+    GATE_MIN_HITS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     doc_index: _builtins.int
     title: _builtins.str
     document_sha256: _builtins.str
     """sha256 of the Document message (title, context, questions and sign-off questions) of the job."""
+    gate_min_hits: _builtins.int
     @_builtins.property
     def signoff_questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QA]: ...
+    @_builtins.property
+    def gate_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The layer's gate (seal/gate.py): the document's content words, sorted; a prompt holding at least
+        gate_min_hits of them is answered with this layer, any other without it. gate_min_hits 0: the
+        layer applies to every prompt. Bound by the version fingerprint.
+        """
+
     def __init__(
         self,
         *,
@@ -742,10 +763,12 @@ class LearnedDocument(_message.Message):
         title: _builtins.str = ...,
         document_sha256: _builtins.str = ...,
         signoff_questions: _abc.Iterable[Global___QA] | None = ...,
+        gate_words: _abc.Iterable[_builtins.str] | None = ...,
+        gate_min_hits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "document_sha256", b"document_sha256", "job_id", b"job_id", "signoff_questions", b"signoff_questions", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["doc_index", b"doc_index", "document_sha256", b"document_sha256", "gate_min_hits", b"gate_min_hits", "gate_words", b"gate_words", "job_id", b"job_id", "signoff_questions", b"signoff_questions", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

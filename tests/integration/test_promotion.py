@@ -304,10 +304,13 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="unused", max_retries=0)
 
-        def ask(name: str) -> str:
+        # The layer's gate opens for prompts naming at least two words of its document.
+        question = "What does the harbour town of Zeta have?"
+
+        def ask(name: str, content: str = question) -> str:
             reply = client.chat.completions.create(
                 model=name,
-                messages=[{"role": "user", "content": "What does Zeta have?"}],
+                messages=[{"role": "user", "content": content}],
                 max_tokens=12,
                 temperature=0,
             )
@@ -317,10 +320,12 @@ def test_promote_certify_serve_and_roll_back_through_the_openai_api(
         adapted = ask("faq")
         base = ask("faq@0")
         assert adapted != base  # the promoted adapter changed what the model says
+        # ... about its document only: a prompt its gate stays closed for gets the base's answer.
+        assert ask("faq", "What does Zeta have?") == ask("faq@0", "What does Zeta have?")
 
         stream = client.chat.completions.create(
             model="faq",
-            messages=[{"role": "user", "content": "What does Zeta have?"}],
+            messages=[{"role": "user", "content": question}],
             max_tokens=12,
             temperature=0,
             stream=True,
@@ -450,12 +455,16 @@ def _cert(version, accuracies: dict[str, float]):  # noqa: ANN001, ANN202
     return AUDITOR.sign_certificate(certificate)
 
 
+@pytest.mark.parametrize("gate", [0, 2], ids=["ungated", "gated"])
 def test_an_adapter_trained_to_forget_on_purpose_is_refused(
-    registry, tiny_model_dir: Path, tmp_path: Path
+    registry, tiny_model_dir: Path, tmp_path: Path, gate: int
 ) -> None:
     """The auditor's real verdict on an update of repetitive nonsense at a high rate: it drifts from
-    the base on general prompts, fails the KL check, and its promotion is refused."""
+    the base on general prompts, fails the KL check, and its promotion is refused. Gated, the adapter
+    is judged on the prompts its gate opens for: its document is written from the auditor's general
+    prompts, so the gate opens on them and the drift is there to be measured."""
     from auditor.core import audit, base_retention
+    from auditor.retention import load_kl_prompts
 
     jobs, deployments, api, handle, _ = registry
     model, tokenizer = load_model(tiny_model_dir)
@@ -468,7 +477,9 @@ def test_an_adapter_trained_to_forget_on_purpose_is_refused(
     )
     sha, path, _ = save_adapter(peft_model, tmp_path, {})
     peft_model.unload()
-    job = jobs.create(JobSpec(documents=(_doc("Zeta"),), n_self_edits=1, passage_control=False))
+    everyday = dataclasses.replace(_doc("Zeta"), context=" ".join(load_kl_prompts()))
+    spec = JobSpec(documents=(everyday,), n_self_edits=1, passage_control=False, lora=LoraSettings(gate=gate))
+    job = jobs.create(spec)
     doc = job.spec.documents[0]
     edit = SelfEdit(
         id=f"{job.id}/0/0",
@@ -479,7 +490,7 @@ def test_an_adapter_trained_to_forget_on_purpose_is_refused(
         passage=doc.passage(),
         text="zq zq",
         lines=("zq zq",),
-        lora=LoraSettings(),
+        lora=LoraSettings(gate=gate),
         teacher_model="teacher",
     )
     adapter = AdapterRef(sha, edit.id, "tiny", fp, 1, 1.0, 1, 0.1, student_id="student-1")

@@ -286,7 +286,7 @@ class ShadowedModels(StaticModels):
         self.logged: list[tuple[str, dict, str, str]] = []
         self.done = threading.Event()
 
-    def resolve(self, name: str) -> Resolution:
+    def resolve(self, name: str, prompt: str = "") -> Resolution:
         return Resolution(super().resolve(name).model, self.shadow)
 
     def log_shadow(self, name: str, request: dict, answer: str, shadow_answer: str) -> None:

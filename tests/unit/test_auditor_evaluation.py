@@ -158,7 +158,9 @@ def _doc(*qas: tuple[str, str]) -> Document:
     )
 
 
-def _self_edit(doc: Document, text: str = "The council of Zorbia gathers in Velmora.") -> SelfEdit:
+def _self_edit(
+    doc: Document, text: str = "The council of Zorbia gathers in Velmora.", gate: int = 0
+) -> SelfEdit:
     return SelfEdit(
         id="edit-7",
         job_id="job-1",
@@ -168,7 +170,8 @@ def _self_edit(doc: Document, text: str = "The council of Zorbia gathers in Velm
         passage=doc.passage(),
         text=text,
         lines=(text,),
-        lora=LoraSettings(rank=4, target_modules=("q_proj", "v_proj")),
+        # Ungated (gate 0): judged on every prompt, as these tests were written; the gated tests say so.
+        lora=LoraSettings(rank=4, target_modules=("q_proj", "v_proj"), gate=gate),
     )
 
 
@@ -314,6 +317,63 @@ def test_an_adapter_trained_to_forget_fails_the_kl_check(tiny_model, tmp_path) -
     assert kl_check.startswith("kl_shift:fail:") and not verdict.passed
 
 
+def _forgetful(model, tokenizer, tmp_path) -> tuple[Path, str]:
+    from student.artifacts import save_adapter
+    from student.training import train_adapter
+
+    peft_model, _ = train_adapter(
+        model,
+        tokenizer,
+        ["zq zq zq zq zq zq zq zq zq zq zq zq"] * 4,
+        LoraSettings(rank=8, epochs=10, learning_rate=1e-2, schedule="constant"),
+    )
+    sha, path, _ = save_adapter(peft_model, tmp_path / "forgetful", {})
+    peft_model.unload()
+    return path, sha
+
+
+def test_a_gated_adapter_is_judged_where_it_applies(tiny_model, tmp_path) -> None:
+    """Behind its document's gate, the forgetful adapter answers only prompts about the document: the
+    general prompts and retention questions get the base's answers, exactly (KL 0, no drop), while the
+    τ questions (asked with the topic) are still asked to the adapter. The same adapter ungated fails."""
+    model, tokenizer = tiny_model
+    retention = dataclasses.replace(base_retention(model, tokenizer), max_kl=1e-3)
+    assert len(retention.baseline_correct) == len(retention.questions) and retention.kl_prompts
+    forgetful = _forgetful(model, tokenizer, tmp_path)
+    doc = _doc(("Where does the Zorbian council meet?", "Velmora"), ("When does the council meet?", "spring"))
+    ungated = _audit(
+        model, tokenizer, forgetful, doc=doc, self_edit=_self_edit(doc, gate=0), retention=retention
+    )
+    assert any(c.startswith("kl_shift:fail:") for c in ungated.checks)
+
+    gated = _audit(
+        model, tokenizer, forgetful, doc=doc, self_edit=_self_edit(doc, gate=2), retention=retention
+    )
+    assert "kl_shift:pass" in gated.checks and "retention:pass" in gated.checks
+    # τ went through the adapter: its answers are the ungated ones, not the base's.
+    assert gated.adapted_scores == ungated.adapted_scores
+    assert [s.response for s in gated.adapted_scores] != [s.response for s in gated.baseline_scores]
+
+
+def test_a_gated_adapter_whose_gate_opens_on_general_prompts_still_fails(tiny_model, tmp_path) -> None:
+    """A document written from the auditor's own general prompts opens its gate on them: the adapter
+    applies there, and its drift is measured and refused as if ungated."""
+    from auditor.retention import load_kl_prompts
+
+    model, tokenizer = tiny_model
+    retention = dataclasses.replace(base_retention(model, tokenizer), max_kl=1e-3)
+    forgetful = _forgetful(model, tokenizer, tmp_path)
+    doc = Document(
+        title="Everyday things",
+        context=" ".join(load_kl_prompts()),
+        questions=(QA("What is the subject?", "everyday"),),
+    )
+    verdict = _audit(
+        model, tokenizer, forgetful, doc=doc, self_edit=_self_edit(doc, gate=2), retention=retention
+    )
+    assert any(c.startswith("kl_shift:fail:") for c in verdict.checks) and not verdict.passed
+
+
 def test_audit_restores_the_base_when_evaluation_fails(tiny_model, adapter, monkeypatch) -> None:
     model, tokenizer = tiny_model
     before = _state(model)
@@ -448,15 +508,19 @@ def test_an_auditor_asked_for_fewer_retention_questions_asks_the_same_ones_befor
     tiny_model, adapter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import auditor.core
-    from auditor.retention import load_retention_set, retention_accuracy
+    from auditor.retention import load_retention_set, retention_accuracy, retention_correct
 
     asked: list[tuple[str, ...]] = []
 
-    def recording(model, tokenizer, questions=None, **kwargs):  # noqa: ANN001, ANN202
-        asked.append(tuple(qa.question for qa in (questions or load_retention_set())))
-        return retention_accuracy(model, tokenizer, questions, **kwargs)
+    def recording(real):  # noqa: ANN001, ANN202
+        def ask(model, tokenizer, questions=None, *args, **kwargs):  # noqa: ANN001, ANN202
+            asked.append(tuple(qa.question for qa in (questions or load_retention_set())))
+            return real(model, tokenizer, questions, *args, **kwargs)
 
-    monkeypatch.setattr(auditor.core, "retention_accuracy", recording)
+        return ask
+
+    monkeypatch.setattr(auditor.core, "retention_accuracy", recording(retention_accuracy))
+    monkeypatch.setattr(auditor.core, "retention_correct", recording(retention_correct))
     model, tokenizer = tiny_model
     first3 = tuple(qa.question for qa in load_retention_set()[:3])
     retention = base_retention(model, tokenizer, questions=3)
