@@ -9,6 +9,10 @@ version i is the base with adapters 1..i merged in order, as a deployment builds
   them; adapter i never saw adapters 1..i-1.
 - `sequential`: adapter i is trained on version i-1 (the merged weights), as continued training
   would be.
+- `gated` (what the registry ships with gates on, the default: seal.gate): the adapters of `merged`,
+  each behind its document's gate; version i answers each prompt with the layers whose gates open
+  for it (merged), and with the base where none does, exactly as the auditor certifies it
+  (auditor.certify.routed_scores / routed_retention) and the gateway serves it.
 
 After each document, version i is asked every question of every document so far (all of a
 document's questions, not only its sign-off share: this is a measurement, not a gate), and its
@@ -28,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from seal.bench.knowledge import JsonlLog, _digest, default_data_dir, load_training_items
+from seal.gate import DEFAULT_MIN_HITS, Routes, document_gate
 from seal.records import Document, EditFormat, LoraSettings, SamplingSettings, SelfEdit
 
-STRATEGIES = ("merged", "sequential")
+STRATEGIES = ("merged", "sequential", "gated")
 
 
 def documents(data_dir: Path, squad: int, seed: int = 0) -> list[Document]:
@@ -86,9 +91,15 @@ def version_model(base: Any, adapter_dirs: list[Path]) -> Any:
 
 
 def run(
-    out: Path, docs: list[Document], lora: LoraSettings, samples: int, model_spec: str, device: str = "cpu"
+    out: Path,
+    docs: list[Document],
+    lora: LoraSettings,
+    samples: int,
+    model_spec: str,
+    device: str = "cpu",
+    strategies: tuple[str, ...] = STRATEGIES,
 ) -> dict[str, Any]:
-    from auditor.certify import kl_between
+    from auditor.certify import RetentionProbe, kl_between, routed_retention, routed_scores
     from auditor.core import base_retention
     from auditor.evaluation import evaluate_document
     from auditor.grading import accuracy
@@ -102,8 +113,10 @@ def run(
     edits = JsonlLog(out / "self_edits.jsonl", key=lambda r: r["key"])
     model, tokenizer = load_model(resolve_model(model_spec), device=device)
     retention = base_retention(model, tokenizer)
-    recipe = dataclasses.asdict(lora)
-    for strategy in STRATEGIES:
+    # The gate changes what a version answers with, not what an adapter learns: only gated rows bind it.
+    recipe = {k: v for k, v in dataclasses.asdict(lora).items() if k != "gate"}
+    gates = [document_gate(d.title, d.context, lora.gate or DEFAULT_MIN_HITS) for d in docs]
+    for strategy in strategies:
         adapters: list[Path] = []
         for step, doc in enumerate(docs):
             key = _digest(
@@ -112,6 +125,7 @@ def run(
                     "step": step,
                     "docs": [d.passage().digest() for d in docs[: step + 1]],
                     "lora": recipe,
+                    **({"gate": lora.gate or DEFAULT_MIN_HITS} if strategy == "gated" else {}),
                 }
             )
             adapter_dir = out / "adapters" / strategy / str(step)
@@ -120,8 +134,8 @@ def run(
                 continue
             edit = self_edit_for(edits, model, tokenizer, doc, lora, samples)
             started = time.perf_counter()
-            # merged: train on the base; sequential: train on the previous version's merged weights.
-            trainee = model if strategy == "merged" or not adapters else version_model(model, adapters)
+            # merged, gated: train on the base; sequential: train on the previous version's merged weights.
+            trainee = model if strategy != "sequential" or not adapters else version_model(model, adapters)
             peft_model, stats = train_adapter(trainee, tokenizer, build_training_texts(edit), lora)
             if adapter_dir.exists():
                 import shutil
@@ -132,9 +146,26 @@ def run(
             peft_model.unload()
             train_seconds = time.perf_counter() - started
             adapters.append(adapter_dir)
-            version = version_model(model, adapters)
             started = time.perf_counter()
-            accuracies = [accuracy(evaluate_document(version, tokenizer, d)) for d in docs[: step + 1]]
+            if strategy == "gated":
+                dirs = list(adapters)
+
+                def build(layers: tuple[int, ...], dirs: list[Path] = dirs) -> Any:
+                    return version_model(model, [dirs[i] for i in layers]) if layers else model
+
+                routes = Routes(gates[: step + 1], build, cache_size=2)
+                accuracies = [
+                    accuracy(routed_scores(routes, tokenizer, d, "contains", "chat"))
+                    for d in docs[: step + 1]
+                ]
+                retained, kl = routed_retention(routes, model, tokenizer, RetentionProbe(retention))
+                del routes
+            else:
+                version = version_model(model, adapters)
+                accuracies = [accuracy(evaluate_document(version, tokenizer, d)) for d in docs[: step + 1]]
+                retained = retention_accuracy(version, tokenizer)
+                kl = kl_between(model, version, tokenizer, retention.sequences)
+                del version
             row: dict[str, Any] = {
                 "key": key,
                 "strategy": strategy,
@@ -142,15 +173,14 @@ def run(
                 "document": doc.title,
                 "accuracy": accuracies,
                 "base_accuracy": [accuracy(evaluate_document(model, tokenizer, d)) for d in docs[: step + 1]],
-                "retention": retention_accuracy(version, tokenizer),
+                "retention": retained,
                 "retention_baseline": retention.baseline,
-                "kl": kl_between(model, version, tokenizer, retention.sequences),
+                "kl": kl,
                 "train_seconds": train_seconds,
                 "eval_seconds": time.perf_counter() - started,
                 "final_loss": stats.losses[-1] if stats.losses else None,
                 "lora": recipe,
             }
-            del version
             results.append(row)
             print(
                 f"{strategy} v{step + 1} ({doc.title[:30]}): "
@@ -216,7 +246,11 @@ def cmd_continual(args: argparse.Namespace) -> int:
     overrides = json.loads(args.lora) if args.lora else {}
     lora = dataclasses.replace(LoraSettings(), **overrides)
     docs = documents(Path(args.data_dir), args.squad, args.seed)
-    run(Path(args.out), docs, lora, args.samples, args.model, args.device)
+    strategies = tuple(args.strategies.split(",")) if args.strategies else STRATEGIES
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+    run(Path(args.out), docs, lora, args.samples, args.model, args.device, strategies)
     return 0
 
 
@@ -232,4 +266,7 @@ def add_continual_command(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=3, help="teacher samples joined in each self-edit")
     p.add_argument("--lora", default="", help='LoRA overrides as JSON, e.g. {"replay": 16}')
+    p.add_argument(
+        "--strategies", default="", help=f"comma-separated, of {', '.join(STRATEGIES)} (default: all)"
+    )
     p.set_defaults(func=cmd_continual)

@@ -635,7 +635,8 @@ class InnerLoopBench:
                 k=s.self_edits,
                 max_new_tokens=s.max_new_tokens,
                 answer=[s.answer_style, s.answer_tokens],
-                lora=asdict(s.lora(config)),
+                # The gate decides where a served adapter applies, not what it learns (seal.gate).
+                lora={k: v for k, v in asdict(s.lora(config)).items() if k != "gate"},
             )
         if kind == "peak":
             data["size"] = s.peak_size

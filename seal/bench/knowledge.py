@@ -116,8 +116,11 @@ _LATER_LORA_FIELDS: dict[str, Any] = {"replay": 0, "kl_weight": 0.0}
 
 
 def lora_key(lora: LoraSettings) -> dict[str, Any]:
-    """The recipe as a row's digest sees it: every field, less the later ones left switched off."""
+    """The recipe as a row's digest sees it: every field, less the later ones left switched off, and
+    less the gate (seal.gate), which decides where a served adapter applies, not what it learns: the
+    benches ask their questions of the adapter itself."""
     key = asdict(lora)
+    key.pop("gate", None)
     for name, off in _LATER_LORA_FIELDS.items():
         if key.get(name) == off:
             del key[name]

@@ -26,6 +26,7 @@ from typing import Any
 
 from seal.bench import report
 from seal.bench.knowledge import JsonlLog, _digest, default_data_dir, load_training_items
+from seal.gate import DEFAULT_MIN_HITS, Gate, document_gate, partition
 from seal.records import QA, Document, EditFormat, LoraSettings, SamplingSettings
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -36,6 +37,9 @@ class Setting:
     name: str
     label: str
     lora: LoraSettings
+    gated: bool = False
+    """Measured as served behind the passage's gate (seal.gate, `lora.gate` words): the prompts the
+    gate stays closed for are the base's. Every other setting is measured ungated."""
 
 
 def retention_settings(base: LoraSettings) -> list[Setting]:
@@ -50,6 +54,9 @@ def retention_settings(base: LoraSettings) -> list[Setting]:
         Setting("kl-10", "KL penalty 10", replace(base, kl_weight=10.0)),
         Setting("mild", "milder LoRA (lr 5e-4, 5 epochs)", replace(base, learning_rate=5e-4, epochs=5)),
         Setting("replay-8+kl-1", "replay 8 + KL penalty 1", replace(base, replay=8, kl_weight=1.0)),
+        Setting(
+            "gated-2", "default, gated (2 document words)", replace(base, gate=DEFAULT_MIN_HITS), gated=True
+        ),
     ]
 
 
@@ -131,28 +138,33 @@ def cached_self_edit(cache: JsonlLog, writer: Writer, passage: Passage, key: dic
 
 @dataclass
 class Yardsticks:
-    """What the base model scores, computed once: the retention accuracy and the KL sequences."""
+    """What the base model scores, computed once, as the auditor computes it (auditor.core.Retention):
+    the retention accuracy, each question's result, and the KL sequences with their prompts."""
 
-    retention_before: float
-    kl_sequences: list[Any]
+    retention: Any
+
+    @property
+    def retention_before(self) -> float:
+        return float(self.retention.baseline)
 
 
 def measure_base(model: Any, tokenizer: Any) -> Yardsticks:
-    from auditor.retention import base_continuations, load_kl_prompts, retention_accuracy
+    from auditor.core import base_retention
 
-    return Yardsticks(
-        retention_accuracy(model, tokenizer), base_continuations(model, tokenizer, load_kl_prompts())
-    )
+    return Yardsticks(base_retention(model, tokenizer))
 
 
-def measure_adapter(peft_model: Any, tokenizer: Any, base: Yardsticks) -> dict[str, Any]:
-    """Retention accuracy and KL shift of an adapted model, and how long the audit spent on them."""
-    from auditor.retention import kl_shift, retention_accuracy
+def measure_adapter(
+    peft_model: Any, tokenizer: Any, base: Yardsticks, gate: Gate | None = None
+) -> dict[str, Any]:
+    """Retention accuracy and KL shift of an adapted model (behind `gate`, if any), and how long the
+    audit spent on them."""
+    from auditor.core import gated_kl, gated_retention
 
     started = time.perf_counter()
-    retention = retention_accuracy(peft_model, tokenizer)
+    retention = gated_retention(gate, peft_model, tokenizer, base.retention, "chat")
     retention_seconds = time.perf_counter() - started
-    kl = kl_shift(peft_model, tokenizer, base.kl_sequences)
+    kl = gated_kl(gate, peft_model, tokenizer, base.retention)
     return {
         "retention_before": base.retention_before,
         "retention_after": retention,
@@ -174,15 +186,32 @@ def tau_accuracy(model: Any, tokenizer: Any, doc: Document) -> tuple[float, list
 
 
 def run_one(
-    model: Any, tokenizer: Any, texts: list[str], doc: Document, lora: LoraSettings, base: Yardsticks
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    doc: Document,
+    lora: LoraSettings,
+    base: Yardsticks,
+    gated: bool = False,
+    base_responses: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Train one adapter on `texts`, score τ, retention and KL with it, and restore the base."""
+    """Train one adapter on `texts`, score τ, retention and KL with it, and restore the base. `gated`:
+    measured behind the passage's gate, the questions it stays closed for keeping the base's
+    `base_responses`."""
+    from auditor.evaluation import question_prompt
     from student.training import release_adapter, train_adapter
 
+    gate = document_gate(doc.title, doc.context, lora.gate) if gated else None
     peft_model, stats = train_adapter(model, tokenizer, texts, lora)
     try:
         accuracy, responses = tau_accuracy(peft_model, tokenizer, doc)
-        figures = measure_adapter(peft_model, tokenizer, base)
+        if gate is not None:
+            prompts = [question_prompt(doc.title, qa.question) for qa in doc.questions]
+            _, closed = partition(gate, prompts)
+            for i in closed:
+                responses[i] = {**base_responses[i], "gate": "closed"}
+            accuracy = sum(r["correct"] for r in responses) / len(responses)
+        figures = measure_adapter(peft_model, tokenizer, base, gate)
     finally:
         release_adapter(peft_model)
     return {
@@ -266,11 +295,20 @@ def run_retention_bench(
             key = {
                 "setting": setting.name,
                 "passage": passage.key,
-                "digest": _row_digest(setting.lora, model_name),
+                "digest": _row_digest(setting.lora, model_name, setting.gated),
             }
             if result_key(key) in results:
                 continue
-            row = run_one(model, tokenizer, texts, passage.doc, setting.lora, base)
+            row = run_one(
+                model,
+                tokenizer,
+                texts,
+                passage.doc,
+                setting.lora,
+                base,
+                setting.gated,
+                _base_row(results, passage, model_name)["responses"],
+            )
             row.update(
                 key,
                 title=passage.doc.title,
@@ -290,6 +328,12 @@ def run_retention_bench(
     return write_outputs(out, settings, results, model_name, samples_per_edit)
 
 
+def _base_row(results: JsonlLog, passage: Passage, model_name: str) -> dict[str, Any]:
+    """The passage's base row (written by `_base_accuracy`)."""
+    key = {"setting": "base", "passage": passage.key, "digest": _digest({"model": model_name})}
+    return results.get(result_key(key)) or {}
+
+
 def _base_accuracy(results: JsonlLog, model: Any, tokenizer: Any, passage: Passage, model_name: str) -> float:
     key = {"setting": "base", "passage": passage.key, "digest": _digest({"model": model_name})}
     row = results.get(result_key(key))
@@ -300,11 +344,12 @@ def _base_accuracy(results: JsonlLog, model: Any, tokenizer: Any, passage: Passa
     return float(row["accuracy"])
 
 
-def _row_digest(lora: LoraSettings, model_name: str) -> str:
-    """Everything that changes a row: the recipe, the model, and the yardsticks' and guards' data."""
-    return _digest(
-        {"lora": asdict(lora), "model": model_name, "answer_style": "chat", "data": _data_digest()}
-    )
+def _row_digest(lora: LoraSettings, model_name: str, gated: bool = False) -> str:
+    """Everything that changes a row: the recipe, the model, the yardsticks' and guards' data, and the
+    gate where the row is measured behind one (ungated rows keep the digests they had before gates)."""
+    recipe = {k: v for k, v in asdict(lora).items() if k != "gate"}
+    data = {"lora": recipe, "model": model_name, "answer_style": "chat", "data": _data_digest()}
+    return _digest({**data, "gate": lora.gate} if gated else data)
 
 
 def _data_digest() -> str:
@@ -398,7 +443,7 @@ def summarize(
     """Per setting: mean gain, mean retention drop, mean and max KL, the fraction passing, seconds."""
     summaries: list[dict[str, Any]] = []
     for setting in settings:
-        digest = _row_digest(setting.lora, model_name)
+        digest = _row_digest(setting.lora, model_name, setting.gated)
         mine = [r for r in rows if r["setting"] == setting.name and r["digest"] == digest]
         n = len(mine)
         summaries.append(

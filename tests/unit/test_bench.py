@@ -188,13 +188,17 @@ def test_a_changed_recipe_changes_the_digest_but_not_no_adaptation() -> None:
 
 
 def test_fields_added_to_the_recipe_later_change_the_digest_only_when_switched_on() -> None:
-    """Rows written before LoraSettings had replay and a KL penalty are reused while both are off."""
+    """Rows written before LoraSettings had replay and a KL penalty are reused while both are off; the
+    gate (where a served adapter applies, not what it learns) never changes a row."""
     setup = Setup("student", "teacher")
     cond = Condition("passage", "passage", "passage")
-    written_before = {k: v for k, v in asdict(cond.lora).items() if k not in ("replay", "kl_weight")}
+    written_before = {k: v for k, v in asdict(cond.lora).items() if k not in ("replay", "kl_weight", "gate")}
     assert lora_key(cond.lora) == written_before
     for on in (replace(cond.lora, replay=8), replace(cond.lora, kl_weight=1.0)):
         assert plan_of(replace(cond, lora=on), setup).digest != plan_of(cond, setup).digest
+    assert (
+        plan_of(replace(cond, lora=replace(cond.lora, gate=0)), setup).digest == plan_of(cond, setup).digest
+    )
 
 
 # --- the engine on a tiny model: resume, cache, outputs -------------------------------------------------
