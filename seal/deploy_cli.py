@@ -221,6 +221,9 @@ def _deployments_entry(args: argparse.Namespace) -> int:
     return cmd_deployments(args)
 
 
+GENERAL_QUESTION = "What is the tallest mountain on Earth?"
+
+
 def promote_and_ask(
     client: Any, job: Job, http_address: str, token: str, deployment: str = "demo", timeout_s: float = 600.0
 ) -> list[str]:
@@ -272,10 +275,10 @@ def promote_and_ask(
         base_url=f"http://{http_address}/v1", api_key=token or "none", max_retries=2, timeout=300
     )
 
-    def ask(model: str) -> str:
+    def ask(model: str, content: str = f"Topic: {spec_doc.title}\n{qa.question}") -> str:
         reply = api.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": f"Topic: {spec_doc.title}\n{qa.question}"}],
+            messages=[{"role": "user", "content": content}],
             max_tokens=48,
             temperature=0,
         )
@@ -288,4 +291,11 @@ def promote_and_ask(
         *([f"  model {deployment!r} (production): {ask(deployment)}"] if promoted else []),
         f"  model 'base' (no adaptation): {ask('base')}",
     ]
+    if promoted:
+        # A prompt no layer's gate opens for (seal.gate) is answered by the base weights, exactly.
+        lines += [
+            f"  Q: {GENERAL_QUESTION}   (general; no document's gate opens)",
+            f"  model {deployment!r} (production): {ask(deployment, GENERAL_QUESTION)}",
+            f"  model 'base' (no adaptation): {ask('base', GENERAL_QUESTION)}",
+        ]
     return lines
