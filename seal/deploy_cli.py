@@ -264,13 +264,18 @@ def promote_and_ask(
             f"{verdict.signoff_adapted_accuracy:.0%} -> version {version.version} {outcome}"
         )
         if version.state is VersionState.PROMOTED:
-            promoted.append(doc)
+            promoted.append((doc, verdict))
     if promoted:
         lines += ["", render_deployment(client.get_deployment(deployment))]
     else:
         lines += ["", "nothing was promoted: the model asked below is the base (model 'base')"]
-    spec_doc = job.spec.documents[(promoted or list(job.documents))[-1].doc_index]
-    qa = spec_doc.signoff_questions[0]
+    last = promoted[-1][0] if promoted else list(job.documents)[-1]
+    spec_doc = job.spec.documents[last.doc_index]
+    # The sign-off question the promoted adapter's verdict scored right, if any: the served model should
+    # give the answer the auditor saw (greedy, the same prompt).
+    right = [s.question for s in (promoted[-1][1].signoff_scores if promoted else ()) if s.correct]
+    qa = next((q for q in spec_doc.signoff_questions if q.question in right), spec_doc.signoff_questions[0])
+    why = "the promoted verdict scored it right" if right else "the first"
     api = openai.OpenAI(
         base_url=f"http://{http_address}/v1", api_key=token or "none", max_retries=2, timeout=300
     )
@@ -287,7 +292,7 @@ def promote_and_ask(
     lines += [
         "",
         f"asked through the OpenAI API (POST http://{http_address}/v1/chat/completions):",
-        f"  Q: {qa.question}   (sign-off question; gold: {qa.answer})",
+        f"  Q: {qa.question}   (sign-off question, {why}; gold: {qa.answer})",
         *([f"  model {deployment!r} (production): {ask(deployment)}"] if promoted else []),
         f"  model 'base' (no adaptation): {ask('base')}",
     ]
