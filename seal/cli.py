@@ -122,7 +122,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if stack is not None and job.state.value == "succeeded":
             from seal.deploy_cli import promote_and_ask
 
-            print("\n".join(promote_and_ask(client, job, stack.http_address, token)), flush=True)
+            # A deployment of its own per run: a rerun would otherwise stack the same documents' layers
+            # again onto the last run's versions (which the knowledge check then refuses).
+            deployment = f"demo-{job.id[:8]}"
+            print("\n".join(promote_and_ask(client, job, stack.http_address, token, deployment)), flush=True)
         peaks = stack.peak_rss_mb() if stack is not None else {}
     finally:
         if stack is not None:
