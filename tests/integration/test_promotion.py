@@ -267,6 +267,7 @@ def _certify(model, tokenizer, version, adapters):  # noqa: ANN001, ANN202
         dirs,
         [layer.adapter.sha256 for layer in version.layers],
         [layer.document for layer in version.layers],
+        gates=[layer.document.gate() for layer in version.layers],  # as the auditor's service passes them
     )
     return AUDITOR.sign_certificate(certificate)
 
