@@ -324,8 +324,8 @@ def run_retention_bench(
                 f"train {row['train_seconds']:.0f} s ({row['steps']} steps) "
                 f"audit {row['retention_seconds'] + row['kl_seconds']:.1f} s"
             )
-        write_outputs(out, settings, results, model_name, samples_per_edit)
-    return write_outputs(out, settings, results, model_name, samples_per_edit)
+        write_outputs(out, settings, results, model_name, samples_per_edit, [p.key for p in passages])
+    return write_outputs(out, settings, results, model_name, samples_per_edit, [p.key for p in passages])
 
 
 def _base_row(results: JsonlLog, passage: Passage, model_name: str) -> dict[str, Any]:
@@ -438,13 +438,23 @@ def sensitivity(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def summarize(
-    settings: Sequence[Setting], rows: Sequence[dict[str, Any]], model_name: str
+    settings: Sequence[Setting],
+    rows: Sequence[dict[str, Any]],
+    model_name: str,
+    passages: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per setting: mean gain, mean retention drop, mean and max KL, the fraction passing, seconds."""
+    """Per setting: mean gain, mean retention drop, mean and max KL, the fraction passing, seconds;
+    over `passages` only, when given."""
     summaries: list[dict[str, Any]] = []
     for setting in settings:
         digest = _row_digest(setting.lora, model_name, setting.gated)
-        mine = [r for r in rows if r["setting"] == setting.name and r["digest"] == digest]
+        mine = [
+            r
+            for r in rows
+            if r["setting"] == setting.name
+            and r["digest"] == digest
+            and (passages is None or r["passage"] in passages)
+        ]
         n = len(mine)
         summaries.append(
             {
@@ -528,8 +538,14 @@ def markdown_table(
 
 
 def write_outputs(
-    out: Path, settings: Sequence[Setting], results: JsonlLog, model_name: str, samples_per_edit: int = 1
+    out: Path,
+    settings: Sequence[Setting],
+    results: JsonlLog,
+    model_name: str,
+    samples_per_edit: int = 1,
+    passages_of_run: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    """summary.json and table.md from the rows there; with `passages_of_run`, over those passages only."""
     rows = [
         r
         for r in results.rows.values()
@@ -540,9 +556,15 @@ def write_outputs(
         for name, _, _, lora in calibration_settings(LoraSettings())
         if (row := results.get(result_key(calibration_key(name, lora, model_name)))) is not None
     ]
-    summaries = summarize(settings, rows, model_name)
-    digests = {_row_digest(s.lora, model_name) for s in settings}
-    passages = sorted({r["passage"] for r in rows if r["digest"] in digests})
+    summaries = summarize(settings, rows, model_name, passages_of_run)
+    digests = {_row_digest(s.lora, model_name, s.gated) for s in settings}
+    passages = sorted(
+        {
+            r["passage"]
+            for r in rows
+            if r["digest"] in digests and (passages_of_run is None or r["passage"] in passages_of_run)
+        }
+    )
     notes = [
         f"Student and teacher {model_name}; {len(passages)} passages ({', '.join(passages)}); one self-edit per "
         f"passage (our teacher, implications, {samples_per_edit} sample(s) joined, seed 0), the same for every "
@@ -585,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher samples joined into each passage's self-edit (a default job joins 3)",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="write the table from the rows already in --out, over this run's passages, training nothing",
+    )
     return p
 
 
@@ -601,6 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"unknown settings {unknown}; choose from {list(known)}")
         settings = [known[w] for w in wanted]
     passages = demo_passages() + (squad_passages(args.data, args.squad, args.seed) if args.squad else [])
+    if args.table_only:
+        results = JsonlLog(args.out / "results.jsonl", result_key)
+        keys = [p.key for p in passages]
+        write_outputs(args.out, settings, results, args.model, args.samples_per_edit, keys)
+        print((args.out / "table.md").read_text())
+        return 0
     model, tokenizer = load_model(resolve_model(args.model), device=args.device)
     writer = teacher_writer(model, tokenizer, args.model, args.samples_per_edit)
     print(f"{len(settings)} settings × {len(passages)} passages -> {args.out}", flush=True)

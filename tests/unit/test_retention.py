@@ -315,7 +315,7 @@ def test_the_bench_writes_rows_resumes_and_tabulates(tiny_model, tmp_path: Path)
     settings = [
         s
         for s in retention_settings(LoraSettings(epochs=1, rank=2, alpha=4.0))
-        if s.name in ("default", "replay-8")
+        if s.name in ("default", "replay-8", "gated-2")
     ]
     written: list[str] = []
 
@@ -329,13 +329,19 @@ def test_the_bench_writes_rows_resumes_and_tabulates(tiny_model, tmp_path: Path)
     )
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted(r["setting"] for r in rows) == sorted(
-        ["base", "default", "replay-8"]
+        ["base", "default", "replay-8", "gated-2"]
         + [f"calibration:{n}" for n in ("neutral-1-step", "harmless", "destructive")]
     )
-    trained = {r["setting"]: r for r in rows if r["setting"] in ("default", "replay-8")}
+    trained = {r["setting"]: r for r in rows if r["setting"] in ("default", "replay-8", "gated-2")}
     assert trained["replay-8"]["steps"] == trained["default"]["steps"] + 8
     assert all(r["gain"] == r["accuracy_after"] - r["accuracy_before"] for r in trained.values())
-    assert [s["passages"] for s in summary["settings"]] == [1, 1]
+    assert [s["passages"] for s in summary["settings"]] == [1, 1, 1]
+    # Gated: the same update, but no general prompt names the passage: the base answers them all.
+    assert trained["default"]["kl"] > 0 and trained["gated-2"]["kl"] == 0.0
+    assert trained["gated-2"]["steps"] == trained["default"]["steps"]
+    from seal.bench.retention import summarize
+
+    assert [s["passages"] for s in summarize(settings, rows, "tiny", passages=["demo:1"])] == [0, 0, 0]
 
     lines_before = (tmp_path / "results.jsonl").read_text()
     run_retention_bench(model, tokenizer, passages, settings, tmp_path, writer, "tiny", log=lambda m: None)
@@ -343,4 +349,5 @@ def test_the_bench_writes_rows_resumes_and_tabulates(tiny_model, tmp_path: Path)
     assert written == ["demo:0"]  # the self-edit was written once and cached
     table = (tmp_path / "table.md").read_text()
     assert "| unmitigated default | 1 |" in table and "| replay 8 | 1 |" in table
+    assert "| default, gated (2 document words) | 1 |" in table
     assert "Calibration" in table

@@ -39,7 +39,10 @@ from tests.integration.test_serving_openai import LIMITS, Server, chat_text, gre
 
 pytestmark = pytest.mark.slow
 
-QUESTION = "What does Zeta have?"
+# Both layers' gates (documents "Zeta0" and "Zeta1", harbour towns with a red lighthouse) open for
+# QUESTION; only the first's for FIRST_ONLY (seal.gate: two distinct document words).
+QUESTION = "What does the harbour town of Zeta have, with its red lighthouse?"
+FIRST_ONLY = "Tell me about Zeta0 and its harbour."
 PROMPT = "Zeta is a harbour town with"
 MAX_TOKENS = 12
 
@@ -114,7 +117,7 @@ def test_a_stacked_version_answers_through_vllm_as_through_transformers(
     on_transformers = DeploymentModels(deployments, KEYS, base=lambda: (model, tokenizer), fetch=fetch)
 
     # The transformers path: the two layers merged into a copy of the base, generate.
-    merged = on_transformers.resolve("faq").model
+    merged = on_transformers.resolve("faq", QUESTION).model
     request = GenerationRequest(
         model="faq",
         sampling=Sampling(max_tokens=MAX_TOKENS, temperature=0.0),
@@ -155,6 +158,19 @@ def test_a_stacked_version_answers_through_vllm_as_through_transformers(
     lora = f"v-{version.fingerprint[:16]}"
     assert loaded_versions(loras) == [lora] and lora in served_names(*vllm_target)
 
+    # A prompt only the first layer's gate opens for: that layer alone, as a version of its own, on both.
+    first = GenerationRequest(
+        model="faq",
+        sampling=Sampling(max_tokens=MAX_TOKENS, temperature=0.0),
+        messages=({"role": "user", "content": FIRST_ONLY},),
+    )
+    one_t = on_transformers.resolve("faq", FIRST_ONLY).model
+    one_v = on_vllm.resolve("faq", FIRST_ONLY).model
+    assert one_t.fingerprint == one_v.fingerprint not in (version.fingerprint, "base")
+    want = one_t.backend.generate(one_t, prepare(one_t, first)).text
+    assert one_v.backend.generate(one_v, prepare(one_v, first)).text == want
+    assert set(loaded_versions(loras)) == {lora, f"v-{one_v.fingerprint[:16]}"}
+
 
 def test_an_unverifiable_version_is_never_loaded_into_vllm(
     vllm_target, registry, adapters, default_model, loras: VLLMLoras, plane
@@ -186,18 +202,18 @@ def test_a_rank_past_the_servers_is_refused_and_old_versions_are_unloaded(
     fetch = lambda ref: adapters[ref.sha256]  # noqa: E731
     small = VLLMLoras(vllm_engine, default_model[1], tmp_path / "small", max_rank=3)
     models = DeploymentModels(deployments, KEYS, base=_never, fetch=fetch, vllm=small)
-    models.resolve("faq@1")
+    models.resolve("faq@1", QUESTION)
     with pytest.raises(FailedPrecondition, match="rank 4, more than the server's max LoRA rank 3"):
-        models.resolve("faq@2")
+        models.resolve("faq@2", QUESTION)
     small.close()
     assert loaded_versions(small) == []
 
     lru = VLLMLoras(vllm_engine, default_model[1], tmp_path / "lru", cache_size=1)
     models = DeploymentModels(deployments, KEYS, base=_never, fetch=fetch, vllm=lru)
     first = f"v-{deployments.version('faq', 1).fingerprint[:16]}"
-    models.resolve("faq@1")
+    models.resolve("faq@1", QUESTION)
     assert loaded_versions(lru) == [first] and first in served_names(*vllm_target)
-    models.resolve("faq@2")
+    models.resolve("faq@2", QUESTION)
     assert loaded_versions(lru) == [f"v-{top.fingerprint[:16]}"]
     assert first not in served_names(*vllm_target)  # unloaded from the server, not only forgotten
     lru.close()
