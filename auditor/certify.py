@@ -105,7 +105,9 @@ def certify(
     def build(layers: tuple[int, ...]) -> Any:
         return merge_adapters(base_model, [adapter_dirs[i] for i in layers]) if layers else base_model
 
-    routes = Routes(gates, build, cache_size=2)
+    # One merged copy of the base at a time (each is the size of the model): the prompts are grouped by
+    # the layers they open, so each group builds its model once.
+    routes = Routes(gates, build, cache_size=1)
     try:
         rows = tuple(
             DocumentAccuracy(

@@ -11,6 +11,7 @@ the 200 evaluation passages; the threshold was chosen on these and the student's
   for the choice, the auditor's retention questions and KL prompts: how often any one gate opens.
 
     .venv/bin/python benchmarks/gate_separation.py --passages 200
+    .venv/bin/python benchmarks/gate_separation.py --passages 200 --eval   # evaluation passages: measured only
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from auditor.evaluation import question_prompt
 from auditor.retention import load_kl_prompts, load_retention_set
-from seal.bench.knowledge import default_data_dir, load_training_items
+from seal.bench.knowledge import default_data_dir, load_eval_items, load_training_items
 from seal.gate import document_gate
 from student.general import load_general_prompts
 
@@ -38,12 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cross", type=int, default=50, help="passages whose questions are tried on every other gate"
     )
+    p.add_argument(
+        "--eval", action="store_true", help="the paper's evaluation passages (never used to choose)"
+    )
     args = p.parse_args(argv)
-    items = load_training_items(args.data, args.passages, 0)
+    items = (
+        load_eval_items(args.data, args.passages)
+        if args.eval
+        else load_training_items(args.data, args.passages, 0)
+    )
     general = list(load_general_prompts())
     retention = [qa.question for qa in load_retention_set()]
     kl_prompts = list(load_kl_prompts())
-    print(f"{len(items)} SQuAD training passages, {sum(len(i.doc.questions) for i in items)} questions")
+    kind = "evaluation" if args.eval else "training"
+    print(f"{len(items)} SQuAD {kind} passages, {sum(len(i.doc.questions) for i in items)} questions")
     print(
         "| min hits | own, bare | own, with topic | other passages' | student general | "
         "retention (auditor) | KL prompts (auditor) |"

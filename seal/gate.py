@@ -126,9 +126,10 @@ class Routes:
 
     def model(self, layers: tuple[int, ...]) -> Any:
         if layers not in self._models:
-            self._models[layers] = self.build(layers)
-            while len(self._models) > self.cache_size:
+            # Make room first: a model is the size of the base, and two need not coexist.
+            while self._models and len(self._models) >= self.cache_size:
                 self._models.popitem(last=False)
+            self._models[layers] = self.build(layers)
         self._models.move_to_end(layers)
         return self._models[layers]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from seal.bench import report
-from seal.bench.knowledge import JsonlLog, _digest, default_data_dir, load_training_items
+from seal.bench.knowledge import JsonlLog, _digest, default_data_dir, load_eval_items, load_training_items
 from seal.gate import DEFAULT_MIN_HITS, Gate, document_gate, partition
 from seal.records import QA, Document, EditFormat, LoraSettings, SamplingSettings
 
@@ -79,6 +79,12 @@ def demo_passages(path: Path | None = None) -> list[Passage]:
         Passage(f"demo:{i}", Document(d["title"], d["context"], tuple(QA(**q) for q in d["questions"])))
         for i, d in enumerate(docs)
     ]
+
+
+def eval_passages(data_dir: Path, k: int) -> list[Passage]:
+    """The first k of the paper's 200 evaluation passages, for measurement only: no setting, prompt or
+    threshold of this study is chosen on them."""
+    return [Passage(f"eval:{item.index}", item.doc) for item in load_eval_items(data_dir, k)]
 
 
 def squad_passages(data_dir: Path, k: int, seed: int = 0) -> list[Passage]:
@@ -597,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the student (and teacher) model")
     p.add_argument("--squad", type=int, default=6, help="SQuAD training passages besides the demo's three")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed of the training passages")
+    p.add_argument(
+        "--eval-passages",
+        type=int,
+        default=0,
+        help="measure on the first N evaluation passages instead of the demo's and the training ones "
+        "(settings are chosen on those, never on these)",
+    )
     p.add_argument("--data", type=Path, default=default_data_dir(), help="the knowledge data folder")
     p.add_argument("--settings", default="", help="comma-separated setting names (default: all)")
     p.add_argument("--out", type=Path, default=Path("bench-out/retention"), help="results folder (resumed)")
@@ -628,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"unknown settings {unknown}; choose from {list(known)}")
         settings = [known[w] for w in wanted]
     passages = demo_passages() + (squad_passages(args.data, args.squad, args.seed) if args.squad else [])
+    if args.eval_passages:
+        passages = eval_passages(args.data, args.eval_passages)
     if args.table_only:
         results = JsonlLog(args.out / "results.jsonl", result_key)
         keys = [p.key for p in passages]
