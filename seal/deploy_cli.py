@@ -163,6 +163,21 @@ def render_deployment(d: Deployment) -> str:
         tail = f"  {c.retention_accuracy:>8.0%} {c.kl_shift:>6.3f}" if c is not None and c.signature else ""
         # The state alone: a refusal's code and message follow the table in full.
         lines.append(f"{v.version:>7} {v.state.value:<10} {aliases.get(v.version, ''):<10} {row}{tail}")
+    # Where each layer applies (seal.gate): what a prompt must name for the layer to answer it.
+    seen: set[str] = set()
+    for v in d.versions:
+        for layer in v.layers:
+            if layer.adapter is None or layer.adapter.sha256 in seen:
+                continue
+            seen.add(layer.adapter.sha256)
+            doc = layer.document
+            where = (
+                f"prompts naming >= {doc.gate_min_hits} of its document's {len(doc.gate_words)} words"
+                if doc is not None and doc.gate_min_hits
+                else "every prompt (ungated)"
+            )
+            title = doc.title[:40] if doc is not None else "?"
+            lines.append(f"layer {title} (adapter {layer.adapter.sha256[:12]}…): applies to {where}")
     refused = [v for v in d.versions if v.refusal_code]
     lines += [f"version {v.version} refused: {v.refusal_code}: {v.message}" for v in refused]
     return "\n".join(lines)

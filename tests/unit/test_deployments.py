@@ -171,6 +171,17 @@ def test_the_matrix_shows_each_versions_accuracy_on_every_document_learned() -> 
     text = render_deployment(deployment)
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     assert "production" in row and "50%" in row and "90%" in row
+    layer = v1.layers[0]
+    assert f"(adapter {layer.adapter.sha256[:12]}…): applies to every prompt (ungated)" in text
+    gated = dataclasses.replace(
+        layer, document=dataclasses.replace(layer.document, gate_words=("glass", "velmora"), gate_min_hits=2)
+    )
+    text = render_deployment(
+        dataclasses.replace(
+            deployment, versions=(deployment.versions[0], dataclasses.replace(v1, layers=(gated,)))
+        )
+    )
+    assert "applies to prompts naming >= 2 of its document's 2 words" in text
     refused = dataclasses.replace(
         v1, version=2, state=VersionState.REFUSED, refusal_code="failed_guardrail", message="retention:fail"
     )
