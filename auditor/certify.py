@@ -6,7 +6,8 @@ moves, the auditor builds the version exactly as it will be served (for each pro
 gates open for it, merged into the weights in order, `seal.models.merge_adapters`; an ungated version
 merges every layer), asks it the sign-off questions of every document the deployment has learned (one
 row of the documents x versions matrix), and measures retention against the base; the gateway
-compares the row with the parent version's. Pure: no Redis, no gRPC."""
+compares the row with the parent version's. Pure: no Redis, no gRPC.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from auditor.core import Retention
-from auditor.evaluation import evaluate_document, question_prompt, style_prompt
+from auditor.core import Retention, routed_kl, routed_retention_accuracy
+from auditor.evaluation import evaluate_document, question_prompt
 from auditor.grading import accuracy
 from auditor.guardrails import CheckResult
-from auditor.retention import (
-    Continuation,
-    continuation_batch,
-    load_retention_set,
-    retention_correct,
-    token_kl,
-)
+from auditor.retention import Continuation, continuation_batch, token_kl
 from seal.gate import Gate, Routes
 from seal.models import merge_adapters
 from seal.records import Certificate, Document, DocumentAccuracy, LearnedDocument, QuestionScore
@@ -184,31 +179,21 @@ def routed_retention(
 ) -> tuple[float, float]:
     """(retention accuracy, KL shift to the base) of the routed version: the prompts no layer opens
     for are the base's own (its cached per-question results, KL 0); the rest are asked again."""
-    retention, style = probe.retention, probe.answer_style
-    questions = retention.questions if retention.questions is not None else load_retention_set()
-    known = len(retention.baseline_correct) == len(questions)
-    correct = list(retention.baseline_correct) if known else [False] * len(questions)
-    prompts = [style_prompt(qa.question, style) for qa in questions]
-    for layers, positions in routes.group(prompts).items():
-        if layers or not known:
-            fresh = retention_correct(
-                routes.model(layers), tokenizer, [questions[i] for i in positions], style
-            )
-            for i, right in zip(positions, fresh, strict=True):
-                correct[i] = right
-    sequences = retention.sequences
-    # Without the prompts' texts every continuation goes through all the layers (no gate can be asked).
-    kl_prompts = retention.kl_prompts if len(retention.kl_prompts) == len(sequences) else None
-    groups = (
-        routes.group(kl_prompts)
-        if kl_prompts is not None
-        else {tuple(range(len(routes.gates))): list(range(len(sequences)))}
+
+    def key_for(prompt: str) -> tuple[int, ...] | None:
+        return routes.layers_for(prompt) or None
+
+    def model_of(key: Any) -> Any:
+        return routes.model(key or ())
+
+    every_layer = tuple(range(len(routes.gates)))
+    accuracy_after = routed_retention_accuracy(
+        probe.retention, tokenizer, probe.answer_style, key_for, model_of, every_layer
     )
-    total_kl, tokens = 0.0, sum(len(c.ids) - c.prompt_len for c in sequences)
-    for layers, positions in groups.items():
-        if layers:
-            measured = [sequences[i] for i in positions]
-            weight = sum(len(c.ids) - c.prompt_len for c in measured)
-            total_kl += kl_between(base_model, routes.model(layers), tokenizer, measured) * weight
-    accuracy_after = sum(correct) / len(correct) if correct else 0.0
-    return accuracy_after, total_kl / tokens if tokens else 0.0
+    kl = routed_kl(
+        probe.retention,
+        key_for,
+        lambda key, rows: kl_between(base_model, model_of(key), tokenizer, rows),
+        every_layer,
+    )
+    return accuracy_after, kl

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,11 @@ from auditor.retention import (
     kl_shift,
     load_kl_prompts,
     load_retention_set,
-    retention_accuracy,
     retention_correct,
 )
 from seal.digests import directory_manifest, document_sha256, manifest_sha256, self_edit_sha256
 from seal.errors import InvalidArgument
-from seal.gate import Gate, document_gate, partition
+from seal.gate import Gate, applies, document_gate, partition
 from seal.records import FORGETTING_UNCHECKED, QA, Document, QuestionScore, SelfEdit, Verdict
 
 REWARD_ONLY_DETAIL = (
@@ -242,11 +241,8 @@ def gated_scores(
 ) -> list[QuestionScore]:
     """`doc`'s questions as the gated adapter answers them: those its gate opens for asked to
     `adapted`, the rest keeping their `baseline` score (the base answers them)."""
-    prompts = [question_prompt(doc.title, qa.question, style) for qa in doc.questions]
-    opened, _ = partition(gate, prompts)
+    opened, _ = partition(gate, [question_prompt(doc.title, qa.question, style) for qa in doc.questions])
     scores = list(baseline)
-    if len(opened) == len(prompts):
-        return evaluate_document(adapted, tokenizer, doc, metric, max_new_tokens, style=style, judge=judge)
     if opened:
         asked = dataclasses.replace(doc, questions=tuple(doc.questions[i] for i in opened))
         fresh = evaluate_document(adapted, tokenizer, asked, metric, max_new_tokens, style=style, judge=judge)
@@ -255,40 +251,85 @@ def gated_scores(
     return scores
 
 
-def gated_retention(
-    gate: Gate | None, adapted: Any, tokenizer: Any, retention: Retention, style: str
+# --- routed measurement: each prompt answered by the model its gates pick (None: the base itself) -----
+# One pair of helpers for the audit of one gated adapter and the certification of a routed version.
+
+ADAPTED = "adapted"
+"""The audit's one routing key besides None (the base)."""
+
+
+def routed_retention_accuracy(
+    retention: Retention,
+    tokenizer: Any,
+    style: str,
+    key_for: Callable[[str], Hashable | None],
+    model_of: Callable[[Hashable | None], Any],
+    unrouted_key: Hashable,
 ) -> float:
-    """Retention accuracy of the gated adapter: only the questions its gate opens for are asked again
-    (needs the base's per-question results; without them every question is asked)."""
+    """Retention accuracy when each question goes to the model `key_for(prompt)` names, built once per
+    key by `model_of`. A question routed to None (the base) keeps the base's cached result; without
+    those results every question goes to `unrouted_key`."""
     questions = retention.questions if retention.questions is not None else load_retention_set()
-    opened, _ = partition(gate, [style_prompt(qa.question, style) for qa in questions])
-    if gate is None or len(retention.baseline_correct) != len(questions):
-        return retention_accuracy(adapted, tokenizer, questions, style=style)
-    correct = list(retention.baseline_correct)
-    if opened:
-        fresh = retention_correct(adapted, tokenizer, [questions[i] for i in opened], style)
-        for i, right in zip(opened, fresh, strict=True):
-            correct[i] = right
+    known = len(retention.baseline_correct) == len(questions)
+    correct = list(retention.baseline_correct) if known else [False] * len(questions)
+    groups: dict[Hashable | None, list[int]] = {}
+    for i, qa in enumerate(questions):
+        key = key_for(style_prompt(qa.question, style)) if known else unrouted_key
+        groups.setdefault(key, []).append(i)
+    for key, positions in groups.items():
+        if key is not None:
+            fresh = retention_correct(model_of(key), tokenizer, [questions[i] for i in positions], style)
+            for i, right in zip(positions, fresh, strict=True):
+                correct[i] = right
     return sum(correct) / len(correct) if correct else 0.0
 
 
-def gated_kl(gate: Gate | None, peft_model: Any, tokenizer: Any, retention: Retention) -> float:
-    """Mean per-token KL shift of the gated adapter over all the continuations: the prompts its gate
-    stays closed for are answered by the base itself and add exactly 0 (without the prompts' texts,
-    every continuation is measured)."""
+def routed_kl(
+    retention: Retention,
+    key_for: Callable[[str], Hashable | None],
+    kl_of: Callable[[Hashable, list[Continuation]], float],
+    unrouted_key: Hashable,
+) -> float:
+    """Mean per-token KL shift over all of `retention`'s continuations when each goes to the model its
+    prompt routes to: `kl_of(key, continuations)` is that model's mean KL on them; a continuation routed
+    to None (the base itself) adds exactly 0. Without the prompts' texts all go to `unrouted_key`."""
     sequences = retention.sequences
-    if gate is None or len(retention.kl_prompts) != len(sequences):
-        return kl_shift(peft_model, tokenizer, sequences)
-    opened, _ = partition(gate, retention.kl_prompts)
-    if not opened:
-        return 0.0
-    measured = [sequences[i] for i in opened]
+    routed = len(retention.kl_prompts) == len(sequences)
+    groups: dict[Hashable | None, list[Continuation]] = {}
+    for i, continuation in enumerate(sequences):
+        key = key_for(retention.kl_prompts[i]) if routed else unrouted_key
+        groups.setdefault(key, []).append(continuation)
 
-    def tokens(rows: list[Continuation] | tuple[Continuation, ...]) -> int:
+    def tokens(rows: Sequence[Continuation]) -> int:
         return sum(len(c.ids) - c.prompt_len for c in rows)
 
-    total = tokens(sequences)
-    return kl_shift(peft_model, tokenizer, measured) * tokens(measured) / total if total else 0.0
+    total = sum(kl_of(key, rows) * tokens(rows) for key, rows in groups.items() if key is not None)
+    return total / tokens(sequences) if tokens(sequences) else 0.0
+
+
+def gated_retention(
+    gate: Gate | None, adapted: Any, tokenizer: Any, retention: Retention, style: str
+) -> float:
+    """Retention accuracy of the gated adapter: only the questions its gate opens for are asked again."""
+    return routed_retention_accuracy(
+        retention,
+        tokenizer,
+        style,
+        lambda prompt: ADAPTED if applies(gate, prompt) else None,
+        lambda _: adapted,
+        ADAPTED,
+    )
+
+
+def gated_kl(gate: Gate | None, peft_model: Any, tokenizer: Any, retention: Retention) -> float:
+    """Mean per-token KL shift of the gated adapter over all the continuations (the prompts its gate
+    stays closed for are answered by the base itself)."""
+    return routed_kl(
+        retention,
+        lambda prompt: ADAPTED if applies(gate, prompt) else None,
+        lambda _, rows: kl_shift(peft_model, tokenizer, rows),
+        ADAPTED,
+    )
 
 
 def signoff_check(before: float, after: float, questions: int) -> CheckResult:

@@ -508,19 +508,15 @@ def test_an_auditor_asked_for_fewer_retention_questions_asks_the_same_ones_befor
     tiny_model, adapter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import auditor.core
-    from auditor.retention import load_retention_set, retention_accuracy, retention_correct
+    from auditor.retention import load_retention_set, retention_correct
 
     asked: list[tuple[str, ...]] = []
 
-    def recording(real):  # noqa: ANN001, ANN202
-        def ask(model, tokenizer, questions=None, *args, **kwargs):  # noqa: ANN001, ANN202
-            asked.append(tuple(qa.question for qa in (questions or load_retention_set())))
-            return real(model, tokenizer, questions, *args, **kwargs)
+    def recording(model, tokenizer, questions, *args, **kwargs):  # noqa: ANN001, ANN202
+        asked.append(tuple(qa.question for qa in questions))
+        return retention_correct(model, tokenizer, questions, *args, **kwargs)
 
-        return ask
-
-    monkeypatch.setattr(auditor.core, "retention_accuracy", recording(retention_accuracy))
-    monkeypatch.setattr(auditor.core, "retention_correct", recording(retention_correct))
+    monkeypatch.setattr(auditor.core, "retention_correct", recording)
     model, tokenizer = tiny_model
     first3 = tuple(qa.question for qa in load_retention_set()[:3])
     retention = base_retention(model, tokenizer, questions=3)
