@@ -9,7 +9,7 @@ import pytest
 from gateway.deployments import certificate_problem, gate_fields
 from gateway.served import routed_version
 from seal.gate import DEFAULT_MIN_HITS, Gate, Routes, content_words, document_gate, partition, route
-from seal.records import AdapterRef, Certificate, DeploymentVersion, Layer, LearnedDocument
+from seal.records import AdapterRef, Certificate, DeploymentVersion, DocumentAccuracy, Layer, LearnedDocument
 from seal.signing import layer_gate_sha256s, version_fingerprint
 
 TITLE = "Operation Bluewick"
@@ -92,19 +92,16 @@ def test_a_prompt_is_served_by_the_layers_its_gates_open() -> None:
 
 def test_an_edited_gate_no_longer_matches_the_certified_version() -> None:
     version = _version((_layer("a" * 64, Gate(("glass", "velmora"), 2)),))
+    document = version.layers[0].document
     certificate = Certificate(
         deployment="faq",
         version=2,
         fingerprint=version.fingerprint,
         base_fingerprint=version.base_fingerprint,
         adapter_sha256s=("a" * 64,),
-        documents=(),
+        documents=(DocumentAccuracy(document.job_id, document.doc_index, document.document_sha256, 1.0),),
     )
-    assert certificate_problem(dataclasses.replace(version, layers=version.layers), certificate) == (
-        "certificate names documents [], the version has [('job', 0, '')]"
-    )
-    widened = dataclasses.replace(
-        version.layers[0], document=dataclasses.replace(version.layers[0].document, gate_min_hits=1)
-    )
+    assert certificate_problem(version, certificate) == ""  # as certified
+    widened = dataclasses.replace(version.layers[0], document=dataclasses.replace(document, gate_min_hits=1))
     problem = certificate_problem(dataclasses.replace(version, layers=(widened,)), certificate)
     assert "fingerprint is not that of its layers and gates" in problem
